@@ -1,0 +1,196 @@
+"""Settings: a TOML file named by CDC_CONFIG, overridden by environment variables."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+
+# Each TOML section and the keys it accepts; anything else is rejected, so a
+# misspelt key fails loudly instead of being ignored.
+_KNOWN_KEYS: dict[str, set[str]] = {
+    "database": {"url"},
+    "slot": {"name", "create"},
+    "stream": {"heartbeat_seconds", "retry_ms", "queue_size"},
+    "cors": {"origins", "allow_credentials"},
+    "tables": {"include", "exclude"},
+    "channels": set(),
+    "replication": {"status_interval_seconds", "reconnect_max_seconds"},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one cdc-stream process."""
+
+    database_url: str
+    slot_name: str = "cdc_stream"
+    create_slot: bool = True
+    heartbeat_seconds: float = 30.0
+    retry_ms: int = 3000
+    queue_size: int = 10_000
+    cors_origins: tuple[str, ...] = ()
+    cors_allow_credentials: bool = True
+    include_tables: tuple[str, ...] = ()
+    exclude_tables: tuple[str, ...] = ()
+    channels: Mapping[str, str] = field(default_factory=dict)
+    status_interval_seconds: float = 10.0
+    reconnect_max_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ConfigError(
+                "DATABASE_URL is missing: set it to a libpq connection string, "
+                "e.g. postgresql://cdc_stream@127.0.0.1:5432/app"
+            )
+        if not _SLOT_NAME_RE.match(self.slot_name):
+            raise ConfigError(
+                f"invalid slot name {self.slot_name!r} (CDC_SLOT_NAME or "
+                "[slot] name): use 1 to 63 lowercase letters, digits or underscores"
+            )
+        _require_positive("heartbeat_seconds", self.heartbeat_seconds)
+        _require_positive("retry_ms", self.retry_ms)
+        _require_positive("queue_size", self.queue_size)
+        _require_positive("status_interval_seconds", self.status_interval_seconds)
+        _require_positive("reconnect_max_seconds", self.reconnect_max_seconds)
+
+    def streams_table(self, schema: str, table: str) -> bool:
+        """Return whether changes of `schema.table` are streamed."""
+        name = f"{schema}.{table}"
+        if self.include_tables and not _matches_any(name, self.include_tables):
+            return False
+        return not _matches_any(name, self.exclude_tables)
+
+    def channel_for(self, schema: str, table: str) -> str:
+        """Return the channel of a table: configured, else `<table>_changes`."""
+        channel = self.channels.get(f"{schema}.{table}")
+        if channel is None:
+            channel = self.channels.get(table, f"{table}_changes")
+        return channel
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from CDC_CONFIG's TOML file and the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        config_path = env.get("CDC_CONFIG")
+        if config_path:
+            values.update(_load_toml(Path(config_path)))
+
+        values.update(_from_environment(env))
+        values.setdefault("database_url", "")
+        return cls(**values)
+
+
+def _require_positive(key: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"invalid {key} {value!r}: expected a positive number")
+
+
+def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {str(path)!r} (CDC_CONFIG) not found"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"invalid TOML in {str(path)!r}: {error}") from None
+
+    for section, content in document.items():
+        if section not in _KNOWN_KEYS:
+            raise ConfigError(
+                f"unknown section [{section}] in {str(path)!r}; "
+                f"known sections: {', '.join(sorted(_KNOWN_KEYS))}"
+            )
+        if not isinstance(content, dict):
+            raise ConfigError(f"[{section}] in {str(path)!r} must be a table")
+        unknown = set(content) - _KNOWN_KEYS[section]
+        if section != "channels" and unknown:
+            raise ConfigError(
+                f"unknown key {section}.{sorted(unknown)[0]} in {str(path)!r}; "
+                f"known keys: {', '.join(sorted(_KNOWN_KEYS[section]))}"
+            )
+    return _settings_from_document(document)
+
+
+def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
+    names = {
+        ("database", "url"): "database_url",
+        ("slot", "name"): "slot_name",
+        ("slot", "create"): "create_slot",
+        ("stream", "heartbeat_seconds"): "heartbeat_seconds",
+        ("stream", "retry_ms"): "retry_ms",
+        ("stream", "queue_size"): "queue_size",
+        ("cors", "origins"): "cors_origins",
+        ("cors", "allow_credentials"): "cors_allow_credentials",
+        ("tables", "include"): "include_tables",
+        ("tables", "exclude"): "exclude_tables",
+        ("replication", "status_interval_seconds"): "status_interval_seconds",
+        ("replication", "reconnect_max_seconds"): "reconnect_max_seconds",
+    }
+    values: dict[str, Any] = {}
+    for (section, key), name in names.items():
+        if key in document.get(section, {}):
+            values[name] = _check_type(f"{section}.{key}", document[section][key])
+
+    channels = document.get("channels", {})
+    for table, channel in channels.items():
+        if not isinstance(channel, str) or not channel:
+            raise ConfigError(
+                f"invalid channel {channel!r} for table {table!r} in [channels]: "
+                "expected a non-empty string"
+            )
+    values["channels"] = dict(channels)
+    return values
+
+
+def _check_type(key: str, value: Any) -> Any:
+    if key in ("cors.origins", "tables.include", "tables.exclude"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"invalid {key} {value!r}: expected a list of strings")
+        return tuple(value)
+    if key in ("slot.create", "cors.allow_credentials"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid {key} {value!r}: expected true or false")
+    return value
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if env.get("DATABASE_URL"):
+        values["database_url"] = env["DATABASE_URL"]
+    if env.get("CDC_SLOT_NAME"):
+        values["slot_name"] = env["CDC_SLOT_NAME"]
+    if env.get("CDC_HEARTBEAT_SECONDS"):
+        values["heartbeat_seconds"] = _parse_number(
+            "CDC_HEARTBEAT_SECONDS", env["CDC_HEARTBEAT_SECONDS"]
+        )
+    if "CDC_CORS_ORIGINS" in env:
+        origins = [o.strip() for o in env["CDC_CORS_ORIGINS"].split(",")]
+        values["cors_origins"] = tuple(o for o in origins if o)
+    return values
+
+
+def _parse_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(
+            f"invalid {key} {text!r}: expected a number of seconds, e.g. 30"
+        ) from None
