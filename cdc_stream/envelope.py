@@ -30,6 +30,8 @@ class Event:
     channel: str
     operation: str
     frame: bytes
+    commit_time: float = 0.0
+    """Commit time of the event's transaction, in seconds since the epoch."""
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -48,12 +50,18 @@ def format_commit_time(text: str) -> str:
     return format_timestamp(datetime.fromisoformat(text))
 
 
+def commit_epoch(text: str) -> float:
+    """Convert wal2json's commit time to seconds since the epoch."""
+    return datetime.fromisoformat(text).timestamp()
+
+
 def change_event(
     change: RowChange,
     position: Position,
     channel: str,
     commit_time: str,
     xid: int,
+    commit_epoch: float = 0.0,
 ) -> Event:
     """Build and encode the event of one row change."""
     new = row_to_dict(change.columns) if change.columns is not None else None
@@ -82,6 +90,7 @@ def change_event(
         channel=channel,
         operation=change.operation,
         frame=sse.frame(orjson.dumps(event), position.event_id),
+        commit_time=commit_epoch,
     )
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from .config import Settings
 from .decoding import Begin, Commit, LogicalMessage, RowChange, decode_message
-from .envelope import Event, change_event, format_commit_time
+from .envelope import Event, change_event, commit_epoch, format_commit_time
 from .errors import DecodeError
 from .positions import Position
 
@@ -38,6 +38,7 @@ class Translator:
         self.last_position = last_position or Position(0, -1)
         self._begin: Begin | None = None
         self._commit_time = ""
+        self._commit_epoch = 0.0
         self._index = 0
         self.decode_errors = 0
 
@@ -54,6 +55,7 @@ class Translator:
         if isinstance(record, Begin):
             self._begin = record
             self._commit_time = format_commit_time(record.commit_time)
+            self._commit_epoch = commit_epoch(record.commit_time)
             self._index = 0
             return _NOTHING
         if isinstance(record, Commit):
@@ -81,6 +83,8 @@ class Translator:
             return _NOTHING
 
         channel = self._settings.channel_for(change.schema, change.table)
-        event = change_event(change, position, channel, self._commit_time, begin.xid)
+        event = change_event(
+            change, position, channel, self._commit_time, begin.xid, self._commit_epoch
+        )
         self.last_position = position
         return Output(event, None)
