@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from quart import Quart, Response, jsonify, request
 from quart_cors import cors
 
 from . import envelope, sse
 from .config import Settings
-from .errors import ConfigError
-from .hub import OPERATIONS, EventFilter, Handoff, Hub, Subscriber
+from .errors import ConfigError, InvalidPositionError
+from .hub import OPERATIONS, EventFilter, Hub, JournalTailer, Subscriber
+from .journal import Journal
+from .positions import Position
 from .replication import ReplicationReader
+from .resume import ResumePoint, parse_resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +29,43 @@ SSE_HEADERS = {
     # Keeps nginx and similar proxies from buffering the stream.
     "X-Accel-Buffering": "no",
 }
+REPLAY_PAGE = 1000
+REPLAY_DEFAULT_LIMIT = 1000
+REPLAY_MAX_LIMIT = 100_000
 
 
 class BadRequest(ValueError):
     """A request parameter is invalid; the message names it."""
+
+
+class Stream:
+    """What the routes share: settings, journal, hub and replication reader."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.journal = Journal(Path(settings.journal_path))
+        self.hub = Hub(self.journal.last_position() or Position(0, -1))
+        self.tailer = JournalTailer(
+            self.journal, self.hub, settings.journal_poll_seconds
+        )
+        self.reader: ReplicationReader | None = None
+        self.tailer_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def wake_tailer() -> None:
+            loop.call_soon_threadsafe(self.tailer.wake)
+
+        self.tailer_task = asyncio.create_task(self.tailer.run())
+        self.reader = ReplicationReader(self.settings, self.journal, wake_tailer)
+        self.reader.start()
+
+    async def stop(self) -> None:
+        if self.tailer_task is not None:
+            self.tailer_task.cancel()
+        if self.reader is not None:
+            await asyncio.to_thread(self.reader.stop)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -43,22 +80,17 @@ def create_app(settings: Settings | None = None) -> Quart:
             print(f"cdc-stream: configuration error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    hub = Hub()
-    app.config["CDC_SETTINGS"] = settings
-    app.extensions["cdc_hub"] = hub
+    stream = Stream(settings)
+    app.extensions["cdc_stream"] = stream
 
     @app.before_serving
     async def start_replication() -> None:
         configure_logging()
-        handoff = Handoff(hub, asyncio.get_running_loop())
-        reader = ReplicationReader(settings, handoff)
-        app.extensions["cdc_reader"] = reader
-        reader.start()
+        await stream.start()
 
     @app.after_serving
     async def stop_replication() -> None:
-        reader: ReplicationReader = app.extensions["cdc_reader"]
-        await asyncio.to_thread(reader.stop)
+        await stream.stop()
 
     @app.errorhandler(BadRequest)
     async def bad_request(error: BadRequest) -> tuple[Response, int]:
@@ -67,20 +99,57 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/api/realtime")
     async def realtime() -> Response:
         event_filter = parse_filter(request.args.getlist)
-        subscriber = hub.subscribe(event_filter, settings.queue_size)
-        body = stream_events(subscriber, hub, settings)
+        resume = parse_resume(
+            request.headers.get("Last-Event-ID"), request.args.get("from")
+        )
+        subscriber = stream.hub.subscribe(event_filter, settings.queue_size)
+        body = stream_events(subscriber, stream, resume)
         response = Response(body, status=200, headers=SSE_HEADERS)
         # Quart cuts streamed responses after RESPONSE_TIMEOUT (60 s) by default.
         response.timeout = None
         return response
 
+    @app.get("/api/replay")
+    async def replay() -> Response:
+        event_filter = parse_filter(request.args.getlist)
+        start = request.args.get("from")
+        if not start:
+            raise BadRequest("missing 'from': give an event id, an LSN or an ISO time")
+        resume = parse_resume(None, start)
+        upto = parse_upto(request.args.get("to"))
+        limit = parse_limit(request.args.get("limit"))
+        output = request.args.get("format", "sse")
+        if output not in ("sse", "ndjson"):
+            raise BadRequest(f"invalid format {output!r}: use 'sse' or 'ndjson'")
+
+        body = replay_range(stream, resume, upto, limit, event_filter, output)
+        content_type = (
+            SSE_HEADERS["Content-Type"]
+            if output == "sse"
+            else "application/x-ndjson; charset=utf-8"
+        )
+        response = Response(body, status=200, content_type=content_type)
+        response.timeout = None
+        return response
+
     @app.get("/healthz")
     async def healthz() -> Response:
-        reader: ReplicationReader | None = app.extensions.get("cdc_reader")
+        reader = stream.reader
         replication = reader.status.as_dict() if reader else {"state": "starting"}
-        status = "ok" if replication.get("connected") else "degraded"
+        role = "leader" if replication.get("connected") else "standby"
+        if replication.get("state") not in ("streaming", "standby"):
+            role = "none"
+        status = "ok" if role != "none" else "degraded"
         return jsonify(
-            {"status": status, "replication": replication, "clients": len(hub)}
+            {
+                "status": status,
+                "role": role,
+                "replication": replication,
+                "clients": len(stream.hub),
+                "last_event_id": stream.hub.last_position.event_id
+                if stream.hub.last_position.index >= 0
+                else None,
+            }
         )
 
     if settings.cors_origins:
@@ -110,13 +179,11 @@ def configure_logging() -> None:
     package_logger.setLevel(logging.INFO)
 
 
-def parse_filter(getlist: callable) -> EventFilter:  # type: ignore[valid-type]
+def parse_filter(getlist: Callable[[str], list[str]]) -> EventFilter:
     """Build a subscriber's filter from `channels`, `tables` and `operations`."""
     channels = _split_values(getlist("channels"))
     tables = _split_values(getlist("tables"))
-    operations = frozenset(
-        value.upper() for value in _split_values(getlist("operations"))
-    )
+    operations = frozenset(v.upper() for v in _split_values(getlist("operations")))
     unknown = sorted(operations - OPERATIONS)
     if unknown:
         raise BadRequest(
@@ -126,6 +193,48 @@ def parse_filter(getlist: callable) -> EventFilter:  # type: ignore[valid-type]
     return EventFilter(channels, tables, operations)
 
 
+def parse_resume(last_event_id: str | None, start: str | None) -> ResumePoint | None:
+    """Choose the resume point; the browser's Last-Event-ID wins over `from`.
+
+    A browser that reconnects keeps the URL, so `from` would replay the same
+    range again on every reconnect if it took precedence.
+    """
+    text = last_event_id or start
+    if not text:
+        return None
+    try:
+        return parse_resume_point(text)
+    except InvalidPositionError as error:
+        source = "Last-Event-ID" if last_event_id else "'from'"
+        raise BadRequest(f"{source}: {error}") from None
+
+
+def parse_upto(text: str | None) -> Position | None:
+    if not text:
+        return None
+    try:
+        point = parse_resume_point(text)
+    except InvalidPositionError as error:
+        raise BadRequest(f"'to': {error}") from None
+    if point.after is None:
+        raise BadRequest(f"'to': {text!r} must be an event id or an LSN, not a time")
+    if point.after.index < 0:
+        # An LSN includes every event of the transaction committed there.
+        return Position(point.after.commit_lsn, 2**31)
+    return point.after
+
+
+def parse_limit(text: str | None) -> int:
+    if not text:
+        return REPLAY_DEFAULT_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= REPLAY_MAX_LIMIT:
+        raise BadRequest(
+            f"invalid limit {text!r}: expected a whole number from 1 to "
+            f"{REPLAY_MAX_LIMIT}"
+        )
+    return int(text)
+
+
 def _split_values(values: list[str]) -> frozenset[str]:
     items: set[str] = set()
     for value in values:
@@ -133,15 +242,95 @@ def _split_values(values: list[str]) -> frozenset[str]:
     return frozenset(items)
 
 
+async def resolve_start(
+    journal: Journal, resume: ResumePoint, live_start: Position
+) -> tuple[Position, bytes]:
+    """Return where replay starts, and a history-lost notice if history is gone."""
+    horizon = await asyncio.to_thread(journal.horizon)
+    after = resume.after
+    lost = False
+
+    if after is not None:
+        lost = horizon is not None and after < horizon[0]
+    else:
+        assert resume.moment is not None
+        lost = horizon is not None and resume.moment < horizon[1]
+        if not lost:
+            found = await asyncio.to_thread(journal.position_before_time, resume.moment)
+            after = found if found is not None else live_start
+
+    if not lost:
+        assert after is not None
+        return after, b""
+
+    assert horizon is not None
+    oldest = await asyncio.to_thread(journal.first_position)
+    notice = envelope.notice_frame(
+        "history_lost",
+        f"history from {resume.text} is no longer held; events continue from the "
+        "oldest one held, so reload your state",
+        datetime.now(UTC),
+        requested=resume.text,
+        oldest_id=oldest.event_id if oldest else None,
+    )
+    return horizon[0], notice
+
+
+async def read_range(
+    journal: Journal,
+    event_filter: EventFilter,
+    after: Position,
+    upto: Position | None,
+    limit: int | None = None,
+) -> AsyncIterator[list[bytes]]:
+    """Yield pages of matching frames from the journal, in order."""
+    sent = 0
+    while limit is None or sent < limit:
+        events = await asyncio.to_thread(journal.read_after, after, REPLAY_PAGE, upto)
+        if not events:
+            return
+        after = events[-1].position
+        frames = [event.frame for event in events if event_filter.matches(event)]
+        if limit is not None:
+            frames = frames[: limit - sent]
+        sent += len(frames)
+        if frames:
+            yield frames
+        if len(events) < REPLAY_PAGE:
+            return
+
+
 async def stream_events(
-    subscriber: Subscriber, hub: Hub, settings: Settings
+    subscriber: Subscriber, stream: Stream, resume: ResumePoint | None
 ) -> AsyncIterator[bytes]:
-    """Write one client's stream: retry hint, connection event, then events."""
+    """Write one client's stream: retry hint, connection event, replay, then live."""
+    settings = stream.settings
+    hub = stream.hub
     try:
         details = {"message": "connected", "slot": settings.slot_name}
         yield sse.retry(settings.retry_ms) + envelope.connection_frame(
             details, datetime.now(UTC)
         )
+
+        if resume is not None:
+            after, notice = await resolve_start(
+                stream.journal, resume, subscriber.start
+            )
+            if notice:
+                yield notice
+            # Replay up to where the live queue starts; if the queue overflowed
+            # meanwhile, replay again up to the hub's newest event.
+            while True:
+                async for frames in read_range(
+                    stream.journal, subscriber.filter, after, subscriber.start
+                ):
+                    subscriber.last_event_id = _frame_id(frames[-1])
+                    yield b"".join(frames)
+                if not subscriber.overflowed:
+                    break
+                after = subscriber.start
+                subscriber.rebase(hub.last_position)
+
         while True:
             ready = await subscriber.wait(settings.heartbeat_seconds)
             if not ready:
@@ -151,7 +340,7 @@ async def stream_events(
                 yield envelope.notice_frame(
                     "slow_client",
                     "the client fell too far behind and was disconnected; "
-                    "reconnect to continue",
+                    "reconnect with Last-Event-ID to continue from the journal",
                     datetime.now(UTC),
                     last_event_id=subscriber.last_event_id,
                 )
@@ -162,6 +351,33 @@ async def stream_events(
                 yield chunk
     finally:
         hub.unsubscribe(subscriber)
+
+
+def _frame_id(frame: bytes) -> str | None:
+    if not frame.startswith(b"id: "):
+        return None
+    return frame[4 : frame.index(b"\n")].decode()
+
+
+async def replay_range(
+    stream: Stream,
+    resume: ResumePoint,
+    upto: Position | None,
+    limit: int,
+    event_filter: EventFilter,
+    output: str,
+) -> AsyncIterator[bytes]:
+    """Write a bounded range of journal events as SSE or NDJSON."""
+    after, notice = await resolve_start(
+        stream.journal, resume, stream.hub.last_position
+    )
+    if notice:
+        yield notice if output == "sse" else sse.frame_data(notice) + b"\n"
+    async for frames in read_range(stream.journal, event_filter, after, upto, limit):
+        if output == "sse":
+            yield b"".join(frames)
+        else:
+            yield b"".join(sse.frame_data(frame) + b"\n" for frame in frames)
 
 
 app = create_app()

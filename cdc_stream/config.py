@@ -19,7 +19,8 @@ _SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
 # misspelt key fails loudly instead of being ignored.
 _KNOWN_KEYS: dict[str, set[str]] = {
     "database": {"url"},
-    "slot": {"name", "create"},
+    "slot": {"name", "create", "recreate"},
+    "journal": {"path", "max_events", "max_age_seconds", "poll_seconds"},
     "stream": {"heartbeat_seconds", "retry_ms", "queue_size"},
     "cors": {"origins", "allow_credentials"},
     "tables": {"include", "exclude"},
@@ -35,6 +36,11 @@ class Settings:
     database_url: str
     slot_name: str = "cdc_stream"
     create_slot: bool = True
+    recreate_slot: bool = False
+    journal_path: str = ""
+    journal_max_events: int = 1_000_000
+    journal_max_age_seconds: float = 7 * 24 * 3600.0
+    journal_poll_seconds: float = 0.1
     heartbeat_seconds: float = 30.0
     retry_ms: int = 3000
     queue_size: int = 10_000
@@ -57,6 +63,13 @@ class Settings:
                 f"invalid slot name {self.slot_name!r} (CDC_SLOT_NAME or "
                 "[slot] name): use 1 to 63 lowercase letters, digits or underscores"
             )
+        if not self.journal_path:
+            object.__setattr__(
+                self, "journal_path", f".cdc-stream/{self.slot_name}.journal.sqlite3"
+            )
+        _require_positive("journal.max_events", self.journal_max_events)
+        _require_positive("journal.max_age_seconds", self.journal_max_age_seconds)
+        _require_positive("journal.poll_seconds", self.journal_poll_seconds)
         _require_positive("heartbeat_seconds", self.heartbeat_seconds)
         _require_positive("retry_ms", self.retry_ms)
         _require_positive("queue_size", self.queue_size)
@@ -134,6 +147,11 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
         ("database", "url"): "database_url",
         ("slot", "name"): "slot_name",
         ("slot", "create"): "create_slot",
+        ("slot", "recreate"): "recreate_slot",
+        ("journal", "path"): "journal_path",
+        ("journal", "max_events"): "journal_max_events",
+        ("journal", "max_age_seconds"): "journal_max_age_seconds",
+        ("journal", "poll_seconds"): "journal_poll_seconds",
         ("stream", "heartbeat_seconds"): "heartbeat_seconds",
         ("stream", "retry_ms"): "retry_ms",
         ("stream", "queue_size"): "queue_size",
@@ -165,7 +183,7 @@ def _check_type(key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"invalid {key} {value!r}: expected a list of strings")
         return tuple(value)
-    if key in ("slot.create", "cors.allow_credentials"):
+    if key in ("slot.create", "slot.recreate", "cors.allow_credentials"):
         if not isinstance(value, bool):
             raise ConfigError(f"invalid {key} {value!r}: expected true or false")
     return value
@@ -181,6 +199,8 @@ def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         values["heartbeat_seconds"] = _parse_number(
             "CDC_HEARTBEAT_SECONDS", env["CDC_HEARTBEAT_SECONDS"]
         )
+    if env.get("CDC_JOURNAL_PATH"):
+        values["journal_path"] = env["CDC_JOURNAL_PATH"]
     if "CDC_CORS_ORIGINS" in env:
         origins = [o.strip() for o in env["CDC_CORS_ORIGINS"].split(",")]
         values["cors_origins"] = tuple(o for o in origins if o)

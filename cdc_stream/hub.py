@@ -1,8 +1,8 @@
 """In-process fan-out of encoded events to subscribers with bounded queues.
 
-Every method runs on the event loop. The replication thread hands batches over
-with `Handoff`, which blocks that thread while too many batches are pending, so
-a slow event loop slows the slot reader instead of growing memory.
+Every method runs on the event loop. `JournalTailer` reads new events from
+the journal in order and publishes them, so each process serves exactly the
+journal's sequence whichever process holds the slot.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .envelope import Event
+from .journal import Journal
+from .positions import Position
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class EventFilter:
     operations: frozenset[str] = frozenset()
 
     def matches(self, event: Event) -> bool:
+        # Stream notices, such as lost history, have no channel and reach all.
+        if not event.channel:
+            return True
         if self.channels and event.channel not in self.channels:
             return False
         if self.tables and (
@@ -46,8 +50,11 @@ class Subscriber:
 
     _ids = itertools.count(1)
 
-    def __init__(self, event_filter: EventFilter, max_pending: int) -> None:
+    def __init__(
+        self, event_filter: EventFilter, max_pending: int, start: Position
+    ) -> None:
         self.id = next(self._ids)
+        self.start = start
         self.filter = event_filter
         self.max_pending = max_pending
         self.overflowed = False
@@ -82,6 +89,12 @@ class Subscriber:
             return False
         return True
 
+    def rebase(self, start: Position) -> None:
+        """Drop pending frames and receive live events after `start` again."""
+        self._frames.clear()
+        self.overflowed = False
+        self.start = start
+
     def drain(self) -> bytes:
         """Take every pending frame as one chunk."""
         if not self._frames:
@@ -95,15 +108,17 @@ class Subscriber:
 class Hub:
     """Fan-out of events to the subscribers of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, last_position: Position) -> None:
         self._subscribers: dict[int, Subscriber] = {}
+        self.last_position = last_position
         self.events_published = 0
 
     def __len__(self) -> int:
         return len(self._subscribers)
 
     def subscribe(self, event_filter: EventFilter, max_pending: int) -> Subscriber:
-        subscriber = Subscriber(event_filter, max_pending)
+        """Add a subscriber; it receives events published after `last_position`."""
+        subscriber = Subscriber(event_filter, max_pending, self.last_position)
         self._subscribers[subscriber.id] = subscriber
         logger.info("client %d subscribed (%d connected)", subscriber.id, len(self))
         return subscriber
@@ -115,36 +130,42 @@ class Hub:
             )
 
     def publish(self, events: list[Event]) -> None:
+        if not events:
+            return
         self.events_published += len(events)
+        self.last_position = events[-1].position
         for subscriber in list(self._subscribers.values()):
             subscriber.offer(events)
 
 
-class Handoff:
-    """Hands event batches from the replication thread to the event loop."""
+class JournalTailer:
+    """Publishes journal events to the hub as they are appended."""
 
     def __init__(
-        self, hub: Hub, loop: asyncio.AbstractEventLoop, max_batches: int = 8
+        self, journal: Journal, hub: Hub, poll_seconds: float, batch_size: int = 1000
     ) -> None:
+        self._journal = journal
         self._hub = hub
-        self._loop = loop
-        self._slots = threading.BoundedSemaphore(max_batches)
+        self._poll_seconds = poll_seconds
+        self._batch_size = batch_size
+        self._wakeup = asyncio.Event()
 
-    def put(self, events: list[Event], stop: threading.Event) -> bool:
-        """Queue a batch for the loop; return False if `stop` was set first."""
-        while not self._slots.acquire(timeout=0.5):
-            if stop.is_set():
-                return False
-        try:
-            self._loop.call_soon_threadsafe(self._publish, events)
-        except RuntimeError:
-            # The loop is closed: the process is shutting down.
-            self._slots.release()
-            return False
-        return True
+    def wake(self) -> None:
+        """Read the journal now instead of at the next poll; loop thread only."""
+        self._wakeup.set()
 
-    def _publish(self, events: list[Event]) -> None:
-        try:
+    async def run(self) -> None:
+        while True:
+            # Cleared before reading, so a wake-up during the read is kept.
+            self._wakeup.clear()
+            events = await asyncio.to_thread(
+                self._journal.read_after, self._hub.last_position, self._batch_size
+            )
             self._hub.publish(events)
-        finally:
-            self._slots.release()
+            if len(events) == self._batch_size:
+                continue
+
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._poll_seconds)
+            except TimeoutError:
+                pass

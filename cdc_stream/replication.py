@@ -19,18 +19,22 @@ import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import UTC, datetime
 
+import orjson
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
 from . import slot as slot_checks
+from . import sse
 from .config import Settings
-from .envelope import Event
-from .errors import DecodeError, SetupError
-from .positions import format_lsn
+from .envelope import Event, format_timestamp
+from .errors import DecodeError, SetupError, SlotInUseError
+from .journal import Journal
+from .positions import Position, format_lsn, parse_lsn
 from .translate import Translator
 
 logger = logging.getLogger(__name__)
@@ -62,10 +66,12 @@ WAL2JSON_OPTIONS = {
 BATCH_SIZE = 1000
 POLL_SECONDS = 0.5
 MIN_BACKOFF_SECONDS = 0.5
+STANDBY_RETRY_SECONDS = 1.0
+PRUNE_INTERVAL_SECONDS = 10.0
 
-
-class EventSink(Protocol):
-    def put(self, events: list[Event], stop: threading.Event) -> bool: ...
+# Operation of journal entries that every subscriber receives, whatever its
+# filter; their channel is empty.
+HISTORY_LOST = "HISTORY_LOST"
 
 
 @dataclass
@@ -108,9 +114,16 @@ def _lsn_text(lsn: int | None) -> str | None:
 class ReplicationReader:
     """Streams one slot in a background thread until stopped."""
 
-    def __init__(self, settings: Settings, sink: EventSink) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        on_appended: Callable[[], None] = lambda: None,
+    ) -> None:
         self._settings = settings
-        self._sink = sink
+        self._journal = journal
+        self._on_appended = on_appended
+        self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._translator = Translator(settings)
@@ -139,11 +152,20 @@ class ReplicationReader:
             started = time.monotonic()
             try:
                 self._connect_and_stream()
+            except SlotInUseError as error:
+                self._enter_standby(str(error))
+                self._stop.wait(STANDBY_RETRY_SECONDS * random.uniform(0.5, 1.5))
+                continue
+            except psycopg2.errors.ObjectInUse as error:
+                self._enter_standby((error.pgerror or str(error)).strip())
+                self._stop.wait(STANDBY_RETRY_SECONDS * random.uniform(0.5, 1.5))
+                continue
             except (psycopg2.Error, SetupError, OSError) as error:
                 self._record_failure(error)
             finally:
                 self.status.connected = False
                 self._translator.reset_transaction()
+                self._journal.close()
             if self._stop.is_set():
                 break
 
@@ -153,6 +175,14 @@ class ReplicationReader:
             self.status.state = "retrying"
             logger.info("reconnecting to %s in %.1f s", self._target, delay)
             self._stop.wait(delay)
+
+    def _enter_standby(self, reason: str) -> None:
+        # Another process holds the slot: this one serves clients from the
+        # journal and takes over when the slot is released.
+        if self.status.state != "standby":
+            logger.info("standing by: %s", reason)
+        self.status.state = "standby"
+        self.status.last_error = None
 
     def _backoff(self, failures: int) -> float:
         cap = self._settings.reconnect_max_seconds
@@ -190,11 +220,15 @@ class ReplicationReader:
         )
         try:
             slot_checks.check_server(check_conn)
-            slot = slot_checks.check_slot(
-                check_conn, settings.slot_name, settings.create_slot
-            )
+            slot = self._prepare_slot(check_conn)
         finally:
             check_conn.close()
+
+        last = self._journal.last_position()
+        horizon = self._journal.horizon()
+        self._translator.last_position = max(
+            last or Position(0, -1), horizon[0] if horizon else Position(0, -1)
+        )
 
         conn = psycopg2.connect(
             settings.database_url,
@@ -221,8 +255,68 @@ class ReplicationReader:
                 slot.confirmed_flush_lsn,
             )
             self._stream(cur)
+            # Tell the server what was confirmed before closing, so a restart
+            # does not re-deliver it; psycopg2 otherwise sends on a timer.
+            cur.send_feedback(force=True)
         finally:
             conn.close()
+
+    def _prepare_slot(
+        self, conn: psycopg2.extensions.connection
+    ) -> slot_checks.SlotInfo:
+        """Check the slot, creating it on first start and, if allowed, after loss."""
+        settings = self._settings
+        name = settings.slot_name
+        attached = self._journal.get_meta("slot") == name
+        slot = slot_checks.find_slot(conn, name)
+        lost = False
+
+        if slot is not None and slot.wal_status == "lost" and settings.recreate_slot:
+            logger.error("replication slot %s is invalidated; recreating it", name)
+            slot_checks.drop_slot(conn, name)
+            slot = None
+            lost = True
+        if slot is None and attached:
+            if not settings.recreate_slot:
+                raise SetupError(
+                    f"replication slot {name!r} was dropped after this journal "
+                    "streamed it, so changes since then are lost. Set [slot] "
+                    "recreate = true to create it again and tell clients that "
+                    "history was lost"
+                )
+            lost = True
+
+        slot = slot_checks.check_slot(conn, name, create=settings.create_slot or lost)
+        confirmed = parse_lsn(slot.confirmed_flush_lsn or "0/0")
+        if not attached:
+            self._journal.set_meta("slot", name)
+            self._journal.raise_horizon(Position(confirmed, -1), time.time())
+        elif lost:
+            self._record_history_lost(confirmed)
+        return slot
+
+    def _record_history_lost(self, confirmed: int) -> None:
+        # No commit record starts one byte before a record boundary, so this
+        # position is unique and sorts before every change of the new slot.
+        position = Position(confirmed - 1, 0)
+        event = {
+            "type": "history_lost",
+            "message": "the replication slot was recreated; changes committed "
+            "before it may be missing, so reload your state",
+            "timestamp": format_timestamp(datetime.now(UTC)),
+            "id": position.event_id,
+        }
+        frame = sse.frame(orjson.dumps(event), position.event_id)
+        self._journal.append(
+            [Event(position, "", "", "", HISTORY_LOST, frame, time.time())]
+        )
+        self._journal.raise_horizon(position, time.time())
+        self._on_appended()
+        logger.error(
+            "history lost: slot %s recreated at %s",
+            self._settings.slot_name,
+            format_lsn(confirmed),
+        )
 
     def _stream(self, cur: psycopg2.extras.ReplicationCursor) -> None:
         batch: list[Event] = []
@@ -238,6 +332,7 @@ class ReplicationReader:
                     self._confirm(cur, pending_confirm)
                     pending_confirm = None
                 self.status.server_wal_end = cur.wal_end
+                self._maybe_prune()
                 select.select([cur], [], [], POLL_SECONDS)
                 continue
 
@@ -263,10 +358,22 @@ class ReplicationReader:
     def _hand_on(self, batch: list[Event]) -> bool:
         if not batch:
             return True
-        if not self._sink.put(batch, self._stop):
-            return False
+        self._journal.append(batch)
+        self._on_appended()
         self.status.events_handed_on += len(batch)
-        return True
+        return not self._stop.is_set()
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_INTERVAL_SECONDS:
+            return
+        self._last_prune = now
+        settings = self._settings
+        deleted = self._journal.prune(
+            settings.journal_max_events, settings.journal_max_age_seconds
+        )
+        if deleted:
+            logger.info("pruned %d events from the journal", deleted)
 
     def _confirm(self, cur: psycopg2.extras.ReplicationCursor, lsn: int) -> None:
         cur.send_feedback(flush_lsn=lsn)

@@ -125,8 +125,9 @@ def check_slot(
     if slot.wal_status == "lost":
         raise SetupError(
             f"replication slot {name!r} is invalidated (wal_status = lost): the "
-            "WAL it needed was removed. Drop it and start again to create a new "
-            "one; changes made since it was lost cannot be streamed"
+            "WAL it needed was removed, so changes since then are lost. Set "
+            "[slot] recreate = true to replace it and tell clients that history "
+            "was lost"
         )
     if slot.active_pid is not None:
         raise SlotInUseError(
@@ -155,6 +156,14 @@ def create_slot(conn: psycopg2.extensions.connection, name: str) -> SlotInfo:
     if slot is None:
         raise SetupError(f"replication slot {name!r} vanished right after creation")
     return slot
+
+
+def drop_slot(conn: psycopg2.extensions.connection, name: str) -> None:
+    """Drop a replication slot."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    conn.commit()
+    logger.warning("dropped replication slot %s", name)
 
 
 def plugin_error(error: psycopg2.Error) -> SetupError:

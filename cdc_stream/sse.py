@@ -18,3 +18,9 @@ def retry(milliseconds: int) -> bytes:
 def comment(text: str) -> bytes:
     """Frame a comment line, which `EventSource` ignores."""
     return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"
+
+
+def frame_data(frame: bytes) -> bytes:
+    """Return the data field of a frame built by `frame`."""
+    start = frame.index(b"data: ") + 6
+    return frame[start : frame.index(b"\n", start)]

@@ -1,0 +1,261 @@
+"""The journal: an ordered, durable log of encoded events in SQLite.
+
+One process, the slot holder, appends each batch of events before the slot's
+flush LSN is confirmed, so a crash re-delivers from the slot and the journal
+drops by position what it already holds. Every process, the holder included,
+fans events out by tailing the journal, which makes the journal the single
+order that clients see, in one process or in `hypercorn -w N`.
+
+The horizon is the newest position whose history may be incomplete: events up
+to it were pruned, or came before the journal first attached to the slot. A
+client resuming from before the horizon is told that history was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .envelope import Event
+from .positions import Position
+
+logger = logging.getLogger(__name__)
+
+# SQLite integers are signed 64-bit; shifting LSNs by 2^63 keeps their order
+# for the whole unsigned range.
+_LSN_OFFSET = 1 << 63
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    commit_lsn INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    commit_time REAL NOT NULL,
+    channel TEXT NOT NULL,
+    schema_name TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    frame BLOB NOT NULL,
+    PRIMARY KEY (commit_lsn, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_time ON events (commit_time);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = (
+    "commit_lsn, idx, commit_time, channel, schema_name, table_name, operation, frame"
+)
+
+
+@dataclass(frozen=True)
+class JournalStats:
+    """Range and size of the journal."""
+
+    oldest: Position | None
+    newest: Position | None
+    events: int
+    size_bytes: int
+    horizon: Position | None
+
+
+def _to_row(event: Event) -> tuple[object, ...]:
+    return (
+        event.position.commit_lsn - _LSN_OFFSET,
+        event.position.index,
+        event.commit_time,
+        event.channel,
+        event.schema,
+        event.table,
+        event.operation,
+        event.frame,
+    )
+
+
+def _to_event(row: tuple[object, ...]) -> Event:
+    lsn, index, commit_time, channel, schema, table, operation, frame = row
+    return Event(
+        position=Position(int(lsn) + _LSN_OFFSET, int(index)),  # type: ignore[call-overload]
+        schema=str(schema),
+        table=str(table),
+        channel=str(channel),
+        operation=str(operation),
+        frame=bytes(frame),  # type: ignore[arg-type]
+        commit_time=float(commit_time),  # type: ignore[arg-type]
+    )
+
+
+def _key(position: Position) -> tuple[int, int]:
+    return position.commit_lsn - _LSN_OFFSET, position.index
+
+
+class Journal:
+    """SQLite journal of one slot; each thread gets its own connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connection() as conn:
+            conn.executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def append(self, events: Iterable[Event]) -> None:
+        """Store events in one transaction; positions already held are skipped."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                f"INSERT OR IGNORE INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                [_to_row(event) for event in events],
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def read_after(
+        self, after: Position, limit: int, upto: Position | None = None
+    ) -> list[Event]:
+        """Return up to `limit` events after `after`, up to `upto` inclusive."""
+        query = f"SELECT {_COLUMNS} FROM events WHERE (commit_lsn, idx) > (?, ?)"
+        params: list[object] = list(_key(after))
+        if upto is not None:
+            query += " AND (commit_lsn, idx) <= (?, ?)"
+            params.extend(_key(upto))
+        query += " ORDER BY commit_lsn, idx LIMIT ?"
+        params.append(limit)
+        return [_to_event(row) for row in self._connection().execute(query, params)]
+
+    def last_position(self) -> Position | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT commit_lsn, idx FROM events "
+                "ORDER BY commit_lsn DESC, idx DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        return None if row is None else Position(row[0] + _LSN_OFFSET, row[1])
+
+    def first_position(self) -> Position | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT commit_lsn, idx FROM events ORDER BY commit_lsn, idx LIMIT 1"
+            )
+            .fetchone()
+        )
+        return None if row is None else Position(row[0] + _LSN_OFFSET, row[1])
+
+    def position_before_time(self, moment: float) -> Position | None:
+        """Return the position just before the first event committed at `moment`.
+
+        Events committed later count too; None means no event is that recent.
+        """
+        row = (
+            self._connection()
+            .execute(
+                "SELECT commit_lsn, idx FROM events WHERE commit_time >= ? "
+                "ORDER BY commit_lsn, idx LIMIT 1",
+                (moment,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Position(row[0] + _LSN_OFFSET, row[1] - 1)
+
+    def get_meta(self, key: str) -> str | None:
+        row = (
+            self._connection()
+            .execute("SELECT value FROM meta WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._connection().execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def horizon(self) -> tuple[Position, float] | None:
+        """Return the horizon position and its commit time, or None if unset."""
+        value = self.get_meta("horizon")
+        if value is None:
+            return None
+        lsn, index, moment = value.split(" ")
+        return Position(int(lsn), int(index)), float(moment)
+
+    def raise_horizon(self, position: Position, moment: float) -> None:
+        """Move the horizon forward to `position`; it never moves back."""
+        current = self.horizon()
+        if current is None or position > current[0]:
+            self.set_meta("horizon", f"{position.commit_lsn} {position.index} {moment}")
+
+    def prune(self, max_events: int, max_age_seconds: float, chunk: int = 5000) -> int:
+        """Delete events past the retention limits, in short transactions."""
+        conn = self._connection()
+        deleted = 0
+        cutoff = time.time() - max_age_seconds
+        while True:
+            (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
+            excess = max(0, count - max_events)
+            rows = conn.execute(
+                "SELECT commit_lsn, idx, commit_time FROM events "
+                "ORDER BY commit_lsn, idx LIMIT ?",
+                (chunk,),
+            ).fetchall()
+            doomed = [
+                row for n, row in enumerate(rows) if n < excess or row[2] < cutoff
+            ]
+            if not doomed:
+                return deleted
+
+            last = doomed[-1]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "DELETE FROM events WHERE (commit_lsn, idx) <= (?, ?)",
+                (last[0], last[1]),
+            )
+            self.raise_horizon(Position(last[0] + _LSN_OFFSET, last[1]), last[2])
+            conn.execute("COMMIT")
+            deleted += len(doomed)
+            if len(doomed) < len(rows):
+                return deleted
+
+    def stats(self) -> JournalStats:
+        (count,) = self._connection().execute("SELECT count(*) FROM events").fetchone()
+        size = sum(
+            path.stat().st_size
+            for path in (self.path, Path(f"{self.path}-wal"))
+            if path.exists()
+        )
+        horizon = self.horizon()
+        return JournalStats(
+            oldest=self.first_position(),
+            newest=self.last_position(),
+            events=count,
+            size_bytes=size,
+            horizon=None if horizon is None else horizon[0],
+        )
