@@ -220,6 +220,7 @@ class ReplicationReader:
         )
         try:
             slot_checks.check_server(check_conn)
+            self._check_journal_database(check_conn)
             slot = self._prepare_slot(check_conn)
         finally:
             check_conn.close()
@@ -260,6 +261,24 @@ class ReplicationReader:
             cur.send_feedback(force=True)
         finally:
             conn.close()
+
+    def _check_journal_database(self, conn: psycopg2.extensions.connection) -> None:
+        """Refuse a journal written for another database: its positions differ."""
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT system_identifier, current_database() FROM pg_control_system()"
+            )
+            system_id, dbname = cur.fetchone()
+        identity = f"{system_id}/{dbname}"
+        recorded = self._journal.get_meta("database")
+        if recorded is None:
+            self._journal.set_meta("database", identity)
+        elif recorded != identity:
+            raise SetupError(
+                f"journal {str(self._journal.path)!r} belongs to database "
+                f"{recorded!r}, not {identity!r} (system identifier/database): "
+                "set CDC_JOURNAL_PATH to a journal for this database"
+            )
 
     def _prepare_slot(
         self, conn: psycopg2.extensions.connection
