@@ -1,0 +1,47 @@
+# Developer entry points: `make install`, `make test`, `make demo`.
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALL_STAMP := $(VENV)/.cdc-stream-installed
+PG_PACKAGES := postgresql-15 postgresql-15-wal2json
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+MAKEFLAGS += --no-print-directory
+
+.PHONY: install system-packages test demo
+
+install: system-packages $(INSTALL_STAMP)
+
+# Install the PostgreSQL server and the wal2json plugin that the tests and the
+# demo start their private clusters with, when a Debian package is missing.
+system-packages:
+	@if ! command -v dpkg-query >/dev/null 2>&1; then \
+		echo "dpkg-query not found: install PostgreSQL 15 and wal2json by hand"; \
+		exit 0; \
+	fi; \
+	missing=""; \
+	for package in $(PG_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null \
+			| grep -q 'install ok installed' || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(PYTHON):
+	@echo "Creating $(VENV)"
+	@python3 -m venv $(VENV)
+
+# The stamp is newer than pyproject.toml once its dependencies are installed.
+$(INSTALL_STAMP): pyproject.toml | $(PYTHON)
+	@echo "Installing cdc-stream into $(VENV)"
+	@$(PYTHON) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: install
+	@$(PYTHON) -m pytest
+
+demo: install
+	@$(VENV)/bin/cdc-stream demo
