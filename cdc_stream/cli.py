@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_journal
 from .demo import DemoOptions, run_demo
 from .errors import CdcStreamError
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
+    cli_journal.add_commands(commands)
     return parser
 
 
