@@ -4,6 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALL_STAMP := $(VENV)/.cdc-stream-installed
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json
+SYSTEM_PACKAGES := $(PG_PACKAGES) redis-server
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 MAKEFLAGS += --no-print-directory
@@ -13,14 +14,15 @@ MAKEFLAGS += --no-print-directory
 install: system-packages $(INSTALL_STAMP)
 
 # Install the PostgreSQL server and the wal2json plugin that the tests and the
-# demo start their private clusters with, when a Debian package is missing.
+# demo start their private clusters with, and the redis-server that the tests
+# of distributed mode start, when a Debian package is missing.
 system-packages:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
-		echo "dpkg-query not found: install PostgreSQL 15 and wal2json by hand"; \
+		echo "dpkg-query not found: install PostgreSQL 15, wal2json and Redis by hand"; \
 		exit 0; \
 	fi; \
 	missing=""; \
-	for package in $(PG_PACKAGES); do \
+	for package in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null \
 			| grep -q 'install ok installed' || missing="$$missing $$package"; \
 	done; \
