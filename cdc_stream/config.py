@@ -10,22 +10,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
 _SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+JOURNAL_BACKENDS = ("sqlite", "redis")
 
 # Each TOML section and the keys it accepts; anything else is rejected, so a
 # misspelt key fails loudly instead of being ignored.
 _KNOWN_KEYS: dict[str, set[str]] = {
     "database": {"url"},
     "slot": {"name", "create", "recreate"},
-    "journal": {"path", "max_events", "max_age_seconds", "poll_seconds"},
-    "stream": {"heartbeat_seconds", "retry_ms", "queue_size"},
+    "journal": {
+        "backend",
+        "url",
+        "path",
+        "max_events",
+        "max_age_seconds",
+        "poll_seconds",
+    },
+    "stream": {"heartbeat_seconds", "retry_ms", "queue_size", "transaction_events"},
     "cors": {"origins", "allow_credentials"},
     "tables": {"include", "exclude"},
     "channels": set(),
     "replication": {"status_interval_seconds", "reconnect_max_seconds"},
+    "messages": {"prefixes"},
+    "types": {"numeric_as_string"},
 }
 
 
@@ -41,6 +52,10 @@ class Settings:
     journal_max_events: int = 1_000_000
     journal_max_age_seconds: float = 7 * 24 * 3600.0
     journal_poll_seconds: float = 0.1
+    # "sqlite" (embedded) or "redis" (distributed). Empty selects "redis" when
+    # redis_url is set, else "sqlite".
+    journal_backend: str = ""
+    redis_url: str = ""
     heartbeat_seconds: float = 30.0
     retry_ms: int = 3000
     queue_size: int = 10_000
@@ -51,6 +66,13 @@ class Settings:
     channels: Mapping[str, str] = field(default_factory=dict)
     status_interval_seconds: float = 10.0
     reconnect_max_seconds: float = 30.0
+    # Prefixes (shell-style patterns) of pg_logical_emit_message messages that
+    # are streamed; empty streams none.
+    message_prefixes: tuple[str, ...] = ()
+    # Send numeric values as JSON strings instead of JSON numbers.
+    numeric_as_string: bool = False
+    # Send a `transaction` event at each BEGIN and COMMIT.
+    transaction_events: bool = False
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -67,6 +89,7 @@ class Settings:
             object.__setattr__(
                 self, "journal_path", f".cdc-stream/{self.slot_name}.journal.sqlite3"
             )
+        _resolve_journal_backend(self)
         _require_positive("journal.max_events", self.journal_max_events)
         _require_positive("journal.max_age_seconds", self.journal_max_age_seconds)
         _require_positive("journal.poll_seconds", self.journal_poll_seconds)
@@ -82,6 +105,10 @@ class Settings:
         if self.include_tables and not _matches_any(name, self.include_tables):
             return False
         return not _matches_any(name, self.exclude_tables)
+
+    def streams_message(self, prefix: str) -> bool:
+        """Return whether logical messages with `prefix` are streamed."""
+        return _matches_any(prefix, self.message_prefixes)
 
     def channel_for(self, schema: str, table: str) -> str:
         """Return the channel of a table: configured, else `<table>_changes`."""
@@ -103,6 +130,51 @@ class Settings:
         values.update(_from_environment(env))
         values.setdefault("database_url", "")
         return cls(**values)
+
+
+def _resolve_journal_backend(settings: Settings) -> None:
+    backend = settings.journal_backend
+    if not backend:
+        backend = "redis" if settings.redis_url else "sqlite"
+    if backend not in JOURNAL_BACKENDS:
+        raise ConfigError(
+            f"invalid journal backend {backend!r} (CDC_JOURNAL_BACKEND or "
+            "[journal] backend): use 'sqlite' or 'redis'"
+        )
+    object.__setattr__(settings, "journal_backend", backend)
+    if backend == "redis":
+        _check_redis_url(settings.redis_url)
+
+
+def _check_redis_url(url: str) -> None:
+    # The URL may contain a password, so no message repeats it.
+    key = "CDC_REDIS_URL or [journal] url"
+    if not url:
+        raise ConfigError(
+            f"the Redis URL ({key}) is missing: set it to the URL of the Redis "
+            "server that app servers share, e.g. redis://127.0.0.1:6379/0"
+        )
+    try:
+        parts = urlsplit(url)
+        # Reading the port raises ValueError unless it is a number up to 65535.
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"invalid Redis URL ({key}): the port is not a number from 0 to 65535"
+        ) from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"invalid Redis URL ({key}): scheme {parts.scheme!r} is not redis, "
+            "rediss or unix. Write e.g. redis://127.0.0.1:6379/0"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"invalid Redis URL ({key}): the host is missing")
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError(
+            f"invalid Redis URL ({key}): the path {parts.path!r} is not a "
+            "database number such as /0"
+        )
 
 
 def _require_positive(key: str, value: float) -> None:
@@ -148,6 +220,8 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
         ("slot", "name"): "slot_name",
         ("slot", "create"): "create_slot",
         ("slot", "recreate"): "recreate_slot",
+        ("journal", "backend"): "journal_backend",
+        ("journal", "url"): "redis_url",
         ("journal", "path"): "journal_path",
         ("journal", "max_events"): "journal_max_events",
         ("journal", "max_age_seconds"): "journal_max_age_seconds",
@@ -161,6 +235,9 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
         ("tables", "exclude"): "exclude_tables",
         ("replication", "status_interval_seconds"): "status_interval_seconds",
         ("replication", "reconnect_max_seconds"): "reconnect_max_seconds",
+        ("stream", "transaction_events"): "transaction_events",
+        ("messages", "prefixes"): "message_prefixes",
+        ("types", "numeric_as_string"): "numeric_as_string",
     }
     values: dict[str, Any] = {}
     for (section, key), name in names.items():
@@ -179,11 +256,19 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_type(key: str, value: Any) -> Any:
-    if key in ("cors.origins", "tables.include", "tables.exclude"):
+    if key in ("journal.backend", "journal.url") and not isinstance(value, str):
+        raise ConfigError(f"invalid {key}: expected a string")
+    if key in ("cors.origins", "tables.include", "tables.exclude", "messages.prefixes"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"invalid {key} {value!r}: expected a list of strings")
         return tuple(value)
-    if key in ("slot.create", "slot.recreate", "cors.allow_credentials"):
+    if key in (
+        "slot.create",
+        "slot.recreate",
+        "cors.allow_credentials",
+        "stream.transaction_events",
+        "types.numeric_as_string",
+    ):
         if not isinstance(value, bool):
             raise ConfigError(f"invalid {key} {value!r}: expected true or false")
     return value
@@ -201,10 +286,34 @@ def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         )
     if env.get("CDC_JOURNAL_PATH"):
         values["journal_path"] = env["CDC_JOURNAL_PATH"]
+    if env.get("CDC_JOURNAL_BACKEND"):
+        values["journal_backend"] = env["CDC_JOURNAL_BACKEND"]
+    if env.get("CDC_REDIS_URL"):
+        values["redis_url"] = env["CDC_REDIS_URL"]
     if "CDC_CORS_ORIGINS" in env:
         origins = [o.strip() for o in env["CDC_CORS_ORIGINS"].split(",")]
         values["cors_origins"] = tuple(o for o in origins if o)
+    if "CDC_MESSAGE_PREFIXES" in env:
+        prefixes = [p.strip() for p in env["CDC_MESSAGE_PREFIXES"].split(",")]
+        values["message_prefixes"] = tuple(p for p in prefixes if p)
+    if env.get("CDC_NUMERIC_AS_STRING"):
+        values["numeric_as_string"] = _parse_bool(
+            "CDC_NUMERIC_AS_STRING", env["CDC_NUMERIC_AS_STRING"]
+        )
+    if env.get("CDC_TRANSACTION_EVENTS"):
+        values["transaction_events"] = _parse_bool(
+            "CDC_TRANSACTION_EVENTS", env["CDC_TRANSACTION_EVENTS"]
+        )
     return values
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid {key} {text!r}: expected true or false")
 
 
 def _parse_number(key: str, text: str) -> float:

@@ -3,11 +3,17 @@
 Every event has `type`, and change events have the six fields of the trigger
 design this product replaces (`type`, `channel`, `operation`, `table`, `data`,
 `timestamp`), followed by additive fields: `schema`, `id`, `lsn`, `xid` and,
-where the replica identity provides it, `old`.
+where the replica identity provides it, `old`, then the notes of
+`translate.Translator` (`partition`, `unchanged_toast`, ...).
+
+Besides change events, the stream carries `transaction` events (BEGIN and
+COMMIT, when configured), `logical_message` events and `decode_error`
+events. Each has a position and so an SSE `id:`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,9 +21,10 @@ from typing import Any
 import orjson
 
 from . import sse
-from .decoding import RowChange
+from .catalog import Catalog
+from .decoding import LogicalMessage, RowChange
 from .positions import Position, format_lsn
-from .values import row_to_dict
+from .values import RowConverter
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,33 +69,175 @@ def change_event(
     commit_time: str,
     xid: int,
     commit_epoch: float = 0.0,
+    rows: tuple[dict[str, Any] | None, dict[str, Any] | None] | None = None,
+    *,
+    schema: str | None = None,
+    table: str | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Event:
-    """Build and encode the event of one row change."""
-    new = row_to_dict(change.columns) if change.columns is not None else None
-    old = row_to_dict(change.identity) if change.identity is not None else None
-    data = old if change.operation == "DELETE" else new
+    """Build and encode the event of one row change.
 
+    `rows` holds the new and old row objects; without it they are converted
+    with the built-in type catalog. `schema` and `table` override the names
+    in `change` (a partition is reported under its root table), and
+    `details` holds additive fields such as `partition` or `unchanged_toast`.
+    """
+    if rows is None:
+        rows = _convert_with_builtin_types(change)
+    new, old = rows
+    data = old if change.operation == "DELETE" else new
+    schema = change.schema if schema is None else schema
+    table = change.table if table is None else table
+
+    event_id = position.event_id
     event: dict[str, Any] = {
         "type": "database_change",
         "channel": channel,
         "operation": change.operation,
-        "table": change.table,
+        "table": table,
         "data": data,
         "timestamp": commit_time,
-        "schema": change.schema,
-        "id": position.event_id,
-        "lsn": format_lsn(position.commit_lsn),
+        "schema": schema,
+        "id": event_id,
+        "lsn": event_id[: event_id.rindex(":")],
         "xid": xid,
     }
     if old is not None and change.operation != "INSERT":
         event["old"] = old
+    if details:
+        event.update(details)
 
     return Event(
         position=position,
-        schema=change.schema,
-        table=change.table,
+        schema=schema,
+        table=table,
         channel=channel,
         operation=change.operation,
+        frame=sse.frame(orjson.dumps(event), event_id),
+        commit_time=commit_epoch,
+    )
+
+
+def _convert_with_builtin_types(
+    change: RowChange,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    converter = _builtin_converter()
+    new = None if change.columns is None else converter.convert(change.columns)
+    old = None if change.identity is None else converter.convert(change.identity)
+    return (
+        None if new is None else new.values,
+        None if old is None else old.values,
+    )
+
+
+@functools.cache
+def _builtin_converter() -> RowConverter:
+    return RowConverter(Catalog.builtin())
+
+
+def transaction_event(
+    operation: str,
+    position: Position,
+    commit_time: str,
+    xid: int,
+    commit_epoch: float = 0.0,
+) -> Event:
+    """Build the event that marks a transaction's BEGIN or COMMIT."""
+    event = {
+        "type": "transaction",
+        "operation": operation,
+        "timestamp": commit_time,
+        "id": position.event_id,
+        "lsn": format_lsn(position.commit_lsn),
+        "xid": xid,
+    }
+    return _other_event(event, position, operation, "", commit_epoch)
+
+
+def message_event(
+    message: LogicalMessage,
+    position: Position,
+    commit_time: str | None,
+    lsn: int,
+    commit_epoch: float = 0.0,
+) -> Event:
+    """Build the event of a logical message; its channel is the message prefix.
+
+    `lsn` is the commit LSN for a transactional message and the message's own
+    LSN otherwise. A non-transactional message has no commit time, so its
+    `timestamp` is null; `commit_epoch` orders it in the journal.
+    """
+    event: dict[str, Any] = {
+        "type": "logical_message",
+        "channel": message.prefix,
+        "prefix": message.prefix,
+        "content": message.content,
+        "transactional": message.transactional,
+        "timestamp": commit_time,
+        "id": position.event_id,
+        "lsn": format_lsn(lsn),
+        "xid": message.xid,
+    }
+    if message.content_bytes is not None:
+        event["invalid_utf8"] = True
+        event["content_hex"] = message.content_bytes.hex()
+    return _other_event(event, position, "MESSAGE", message.prefix, commit_epoch)
+
+
+def decode_error_event(
+    position: Position,
+    message: str,
+    *,
+    lsn: int,
+    commit_time: str | None,
+    xid: int | None,
+    schema: str | None = None,
+    table: str | None = None,
+    channel: str = "",
+    operation: str | None = None,
+    commit_epoch: float = 0.0,
+) -> Event:
+    """Build the event that reports a wal2json message that cannot be decoded.
+
+    `message` must not contain row data. `schema`, `table` and `operation`
+    are given when they could be read from the message.
+    """
+    event: dict[str, Any] = {
+        "type": "decode_error",
+        "channel": channel,
+        "operation": operation,
+        "table": table,
+        "message": message,
+        "timestamp": commit_time,
+        "schema": schema,
+        "id": position.event_id,
+        "lsn": format_lsn(lsn),
+        "xid": xid,
+    }
+    return Event(
+        position=position,
+        schema=schema or "",
+        table=table or "",
+        channel=channel,
+        operation=operation or "ERROR",
+        frame=sse.frame(orjson.dumps(event), position.event_id),
+        commit_time=commit_epoch,
+    )
+
+
+def _other_event(
+    event: dict[str, Any],
+    position: Position,
+    operation: str,
+    channel: str,
+    commit_epoch: float,
+) -> Event:
+    return Event(
+        position=position,
+        schema="",
+        table="",
+        channel=channel,
+        operation=operation,
         frame=sse.frame(orjson.dumps(event), position.event_id),
         commit_time=commit_epoch,
     )

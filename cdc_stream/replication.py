@@ -30,6 +30,8 @@ import psycopg2.extras
 
 from . import slot as slot_checks
 from . import sse
+from .catalog import connect_and_load, load_catalog
+from .checks import log_replica_identity_issues
 from .config import Settings
 from .envelope import Event, format_timestamp
 from .errors import DecodeError, SetupError, SlotInUseError
@@ -126,7 +128,10 @@ class ReplicationReader:
         self._last_prune = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._translator = Translator(settings)
+        self._translator = Translator(
+            settings,
+            load_catalog=lambda: connect_and_load(settings.database_url),
+        )
         self.status = ReplicationStatus(slot=settings.slot_name)
         self._target = slot_checks.describe_target(settings.database_url)
 
@@ -222,8 +227,11 @@ class ReplicationReader:
             slot_checks.check_server(check_conn)
             self._check_journal_database(check_conn)
             slot = self._prepare_slot(check_conn)
+            catalog = load_catalog(check_conn)
         finally:
             check_conn.close()
+        self._translator.use_catalog(catalog)
+        log_replica_identity_issues(catalog, settings)
 
         last = self._journal.last_position()
         horizon = self._journal.horizon()
