@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+from .catalog import load_catalog
 from .config import Settings
 from .envelope import Event
 from .errors import DecodeError, SetupError
@@ -104,7 +105,7 @@ def _peek_copy(
     for name, value in WAL2JSON_OPTIONS.items():
         options.extend((name, value))
 
-    translator = Translator(settings)
+    translator = Translator(settings, catalog=load_catalog(conn))
     produced = 0
     # A named cursor fetches in pages, so a large transaction is not loaded
     # into this process at once.
