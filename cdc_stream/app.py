@@ -12,7 +12,7 @@ from pathlib import Path
 from quart import Quart, Response, jsonify, request
 from quart_cors import cors
 
-from . import envelope, sse
+from . import envelope, sse, web
 from .config import Settings
 from .errors import ConfigError, InvalidPositionError
 from .hub import OPERATIONS, EventFilter, Hub, JournalTailer, Subscriber
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     stream = Stream(settings)
     app.extensions["cdc_stream"] = stream
+    access = web.install(app, stream)
 
     @app.before_serving
     async def start_replication() -> None:
@@ -99,10 +100,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/api/realtime")
     async def realtime() -> Response:
         event_filter = parse_filter(request.args.getlist)
+        event_filter, view = await access.prepare(event_filter)
         resume = parse_resume(
             request.headers.get("Last-Event-ID"), request.args.get("from")
         )
-        subscriber = stream.hub.subscribe(event_filter, settings.queue_size)
+        subscriber = stream.hub.subscribe(event_filter, settings.queue_size, view)
         body = stream_events(subscriber, stream, resume)
         response = Response(body, status=200, headers=SSE_HEADERS)
         # Quart cuts streamed responses after RESPONSE_TIMEOUT (60 s) by default.
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/api/replay")
     async def replay() -> Response:
         event_filter = parse_filter(request.args.getlist)
+        event_filter, view = await access.prepare(event_filter)
         start = request.args.get("from")
         if not start:
             raise BadRequest("missing 'from': give an event id, an LSN or an ISO time")
@@ -122,7 +125,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         if output not in ("sse", "ndjson"):
             raise BadRequest(f"invalid format {output!r}: use 'sse' or 'ndjson'")
 
-        body = replay_range(stream, resume, upto, limit, event_filter, output)
+        body = replay_range(stream, resume, upto, limit, event_filter, output, view)
         content_type = (
             SSE_HEADERS["Content-Type"]
             if output == "sse"
@@ -282,15 +285,23 @@ async def read_range(
     after: Position,
     upto: Position | None,
     limit: int | None = None,
+    transform: Callable[[envelope.Event], bytes | None] | None = None,
 ) -> AsyncIterator[list[bytes]]:
-    """Yield pages of matching frames from the journal, in order."""
+    """Yield pages of matching frames from the journal, in order.
+
+    `transform` is the subscriber's view, as in `Subscriber.offer`.
+    """
     sent = 0
     while limit is None or sent < limit:
         events = await asyncio.to_thread(journal.read_after, after, REPLAY_PAGE, upto)
         if not events:
             return
         after = events[-1].position
-        frames = [event.frame for event in events if event_filter.matches(event)]
+        matched = [event for event in events if event_filter.matches(event)]
+        if transform is None:
+            frames = [event.frame for event in matched]
+        else:
+            frames = [f for f in map(transform, matched) if f is not None]
         if limit is not None:
             frames = frames[: limit - sent]
         sent += len(frames)
@@ -322,7 +333,11 @@ async def stream_events(
             # meanwhile, replay again up to the hub's newest event.
             while True:
                 async for frames in read_range(
-                    stream.journal, subscriber.filter, after, subscriber.start
+                    stream.journal,
+                    subscriber.filter,
+                    after,
+                    subscriber.start,
+                    transform=subscriber.transform,
                 ):
                     subscriber.last_event_id = _frame_id(frames[-1])
                     yield b"".join(frames)
@@ -345,6 +360,7 @@ async def stream_events(
                     last_event_id=subscriber.last_event_id,
                 )
                 logger.warning("client %d ended: too far behind", subscriber.id)
+                hub.slow_clients_ended += 1
                 return
             chunk = subscriber.drain()
             if chunk:
@@ -366,6 +382,7 @@ async def replay_range(
     limit: int,
     event_filter: EventFilter,
     output: str,
+    view: Callable[[envelope.Event], bytes | None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Write a bounded range of journal events as SSE or NDJSON."""
     after, notice = await resolve_start(
@@ -373,7 +390,9 @@ async def replay_range(
     )
     if notice:
         yield notice if output == "sse" else sse.frame_data(notice) + b"\n"
-    async for frames in read_range(stream.journal, event_filter, after, upto, limit):
+    async for frames in read_range(
+        stream.journal, event_filter, after, upto, limit, view
+    ):
         if output == "sse":
             yield b"".join(frames)
         else:

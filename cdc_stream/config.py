@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .authconfig import AUTH_KEYS, AuthSettings, parse_auth, with_environment
 from .errors import ConfigError
 
 _SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -37,7 +38,10 @@ _KNOWN_KEYS: dict[str, set[str]] = {
     "replication": {"status_interval_seconds", "reconnect_max_seconds"},
     "messages": {"prefixes"},
     "types": {"numeric_as_string"},
+    "auth": AUTH_KEYS,
+    "logging": {"format"},
 }
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class Settings:
     numeric_as_string: bool = False
     # Send a `transaction` event at each BEGIN and COMMIT.
     transaction_events: bool = False
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # "text" or "json" (one JSON object per line).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -98,6 +105,11 @@ class Settings:
         _require_positive("queue_size", self.queue_size)
         _require_positive("status_interval_seconds", self.status_interval_seconds)
         _require_positive("reconnect_max_seconds", self.reconnect_max_seconds)
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"invalid logging.format {self.log_format!r} (CDC_LOG_FORMAT): "
+                f"expected one of {', '.join(LOG_FORMATS)}"
+            )
 
     def streams_table(self, schema: str, table: str) -> bool:
         """Return whether changes of `schema.table` are streamed."""
@@ -128,6 +140,7 @@ class Settings:
             values.update(_load_toml(Path(config_path)))
 
         values.update(_from_environment(env))
+        values["auth"] = with_environment(values.get("auth"), env)
         values.setdefault("database_url", "")
         return cls(**values)
 
@@ -238,6 +251,7 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
         ("stream", "transaction_events"): "transaction_events",
         ("messages", "prefixes"): "message_prefixes",
         ("types", "numeric_as_string"): "numeric_as_string",
+        ("logging", "format"): "log_format",
     }
     values: dict[str, Any] = {}
     for (section, key), name in names.items():
@@ -252,6 +266,8 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
                 "expected a non-empty string"
             )
     values["channels"] = dict(channels)
+    if "auth" in document:
+        values["auth"] = parse_auth(document["auth"])
     return values
 
 
@@ -290,6 +306,8 @@ def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         values["journal_backend"] = env["CDC_JOURNAL_BACKEND"]
     if env.get("CDC_REDIS_URL"):
         values["redis_url"] = env["CDC_REDIS_URL"]
+    if env.get("CDC_LOG_FORMAT"):
+        values["log_format"] = env["CDC_LOG_FORMAT"]
     if "CDC_CORS_ORIGINS" in env:
         origins = [o.strip() for o in env["CDC_CORS_ORIGINS"].split(",")]
         values["cors_origins"] = tuple(o for o in origins if o)

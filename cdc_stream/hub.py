@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .envelope import Event
@@ -51,9 +51,19 @@ class Subscriber:
     _ids = itertools.count(1)
 
     def __init__(
-        self, event_filter: EventFilter, max_pending: int, start: Position
+        self,
+        event_filter: EventFilter,
+        max_pending: int,
+        start: Position,
+        transform: Callable[[Event], bytes | None] | None = None,
+        on_send: Callable[[float], None] | None = None,
     ) -> None:
         self.id = next(self._ids)
+        # Per-subscriber view (row filter, masked columns): returns the frame
+        # to send or None to skip. Without one, the shared frame is sent.
+        self.transform = transform
+        self._on_send = on_send
+        self._pending_commit_time = 0.0
         self.start = start
         self.filter = event_filter
         self.max_pending = max_pending
@@ -66,9 +76,15 @@ class Subscriber:
     def offer(self, events: Iterable[Event]) -> None:
         if self.overflowed:
             return
+        transform = self.transform
         for event in events:
             if self.filter.matches(event):
-                self._frames.append(event.frame)
+                frame = event.frame if transform is None else transform(event)
+                if frame is None:
+                    continue
+                if not self._frames:
+                    self._pending_commit_time = event.commit_time
+                self._frames.append(frame)
                 self._pending_id = event.position.event_id
         if len(self._frames) > self.max_pending:
             # Past the bound, the client is ended with a notice and catches up
@@ -102,6 +118,8 @@ class Subscriber:
         chunk = b"".join(self._frames)
         self._frames.clear()
         self.last_event_id = self._pending_id
+        if self._on_send is not None:
+            self._on_send(self._pending_commit_time)
         return chunk
 
 
@@ -112,13 +130,25 @@ class Hub:
         self._subscribers: dict[int, Subscriber] = {}
         self.last_position = last_position
         self.events_published = 0
+        self.slow_clients_ended = 0
+        # Metrics callbacks: each published batch, and the commit time of the
+        # oldest frame in each write to a client.
+        self.on_publish: Callable[[list[Event]], None] | None = None
+        self.on_send: Callable[[float], None] | None = None
 
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, event_filter: EventFilter, max_pending: int) -> Subscriber:
+    def subscribe(
+        self,
+        event_filter: EventFilter,
+        max_pending: int,
+        transform: Callable[[Event], bytes | None] | None = None,
+    ) -> Subscriber:
         """Add a subscriber; it receives events published after `last_position`."""
-        subscriber = Subscriber(event_filter, max_pending, self.last_position)
+        subscriber = Subscriber(
+            event_filter, max_pending, self.last_position, transform, self.on_send
+        )
         self._subscribers[subscriber.id] = subscriber
         logger.info("client %d subscribed (%d connected)", subscriber.id, len(self))
         return subscriber
@@ -134,6 +164,8 @@ class Hub:
             return
         self.events_published += len(events)
         self.last_position = events[-1].position
+        if self.on_publish is not None:
+            self.on_publish(events)
         for subscriber in list(self._subscribers.values()):
             subscriber.offer(events)
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -204,14 +204,19 @@ def app_server(tmp_path: Path) -> Iterator[AppServerFactory]:
 
     Call it with the app's environment, e.g. ``app_server({"DATABASE_URL":
     database})``. It returns once GET /healthz returns a response. Every server it
-    started is stopped at teardown.
+    started is stopped at teardown. `port` reuses a port, to restart a server
+    in place, and `args` are extra Hypercorn options.
     """
     servers: list[AppServer] = []
 
     def start(
-        env: Mapping[str, str], *, startup_timeout: float = APP_STARTUP_TIMEOUT
+        env: Mapping[str, str],
+        *,
+        startup_timeout: float = APP_STARTUP_TIMEOUT,
+        port: int | None = None,
+        args: Sequence[str] = (),
     ) -> AppServer:
-        port = find_free_port()
+        port = port or find_free_port()
         log_path = tmp_path / f"app-{port}.log"
         command = [
             sys.executable,
@@ -220,6 +225,7 @@ def app_server(tmp_path: Path) -> Iterator[AppServerFactory]:
             "cdc_stream.app:app",
             "--bind",
             f"127.0.0.1:{port}",
+            *args,
         ]
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
