@@ -7,7 +7,6 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 from quart import Quart, Response, jsonify, request
 from quart_cors import cors
@@ -16,7 +15,7 @@ from . import envelope, sse, web
 from .config import Settings
 from .errors import ConfigError, InvalidPositionError
 from .hub import OPERATIONS, EventFilter, Hub, JournalTailer, Subscriber
-from .journal import Journal
+from .journals import EventJournal, open_journal
 from .positions import Position
 from .replication import ReplicationReader
 from .resume import ResumePoint, parse_resume_point
@@ -43,7 +42,7 @@ class Stream:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.journal = Journal(Path(settings.journal_path))
+        self.journal = open_journal(settings)
         self.hub = Hub(self.journal.last_position() or Position(0, -1))
         self.tailer = JournalTailer(
             self.journal, self.hub, settings.journal_poll_seconds
@@ -246,7 +245,7 @@ def _split_values(values: list[str]) -> frozenset[str]:
 
 
 async def resolve_start(
-    journal: Journal, resume: ResumePoint, live_start: Position
+    journal: EventJournal, resume: ResumePoint, live_start: Position
 ) -> tuple[Position, bytes]:
     """Return where replay starts, and a history-lost notice if history is gone."""
     horizon = await asyncio.to_thread(journal.horizon)
@@ -280,7 +279,7 @@ async def resolve_start(
 
 
 async def read_range(
-    journal: Journal,
+    journal: EventJournal,
     event_filter: EventFilter,
     after: Position,
     upto: Position | None,

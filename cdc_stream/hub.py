@@ -15,12 +15,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .envelope import Event
-from .journal import Journal
+from .journals import EventJournal
 from .positions import Position
 
 logger = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE", "TRUNCATE"})
+# A blocking read of the journal returns empty after this many seconds, which
+# bounds how long a stopped tailer keeps a worker thread.
+BLOCK_SECONDS = 1.0
+# Seconds between reads while the journal fails.
+RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,16 +176,26 @@ class Hub:
 
 
 class JournalTailer:
-    """Publishes journal events to the hub as they are appended."""
+    """Publishes journal events to the hub as they are appended.
+
+    A journal with `read_after_blocking`, such as Redis, is read with blocking
+    reads. Other journals are polled every `poll_seconds` and on `wake()`.
+    """
 
     def __init__(
-        self, journal: Journal, hub: Hub, poll_seconds: float, batch_size: int = 1000
+        self,
+        journal: EventJournal,
+        hub: Hub,
+        poll_seconds: float,
+        batch_size: int = 1000,
     ) -> None:
         self._journal = journal
         self._hub = hub
         self._poll_seconds = poll_seconds
         self._batch_size = batch_size
         self._wakeup = asyncio.Event()
+        self._read_blocking = getattr(journal, "read_after_blocking", None)
+        self._failures = 0
 
     def wake(self) -> None:
         """Read the journal now instead of at the next poll; loop thread only."""
@@ -190,14 +205,41 @@ class JournalTailer:
         while True:
             # Cleared before reading, so a wake-up during the read is kept.
             self._wakeup.clear()
-            events = await asyncio.to_thread(
-                self._journal.read_after, self._hub.last_position, self._batch_size
-            )
+            try:
+                events = await self._read()
+            except OSError as error:
+                self._read_failed(error)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            if self._failures:
+                logger.info("journal readable again after %d failures", self._failures)
+                self._failures = 0
+
             self._hub.publish(events)
-            if len(events) == self._batch_size:
+            if len(events) == self._batch_size or self._read_blocking is not None:
                 continue
 
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_seconds)
             except TimeoutError:
                 pass
+
+    async def _read(self) -> list[Event]:
+        after = self._hub.last_position
+        if self._read_blocking is None:
+            return await asyncio.to_thread(
+                self._journal.read_after, after, self._batch_size
+            )
+        return await asyncio.to_thread(
+            self._read_blocking, after, self._batch_size, BLOCK_SECONDS
+        )
+
+    def _read_failed(self, error: OSError) -> None:
+        # Logged once per outage, and the recovery message gives the count.
+        self._failures += 1
+        if self._failures == 1:
+            logger.error(
+                "reading the journal failed, retrying every %.0f s: %s",
+                RETRY_SECONDS,
+                error,
+            )

@@ -8,7 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from cdc_stream.config import Settings
 from cdc_stream.envelope import Event
+from cdc_stream.journal import Journal
+from cdc_stream.journals import open_journal
 from cdc_stream.positions import Position
 from cdc_stream.redis_journal import (
     JournalUnavailableError,
@@ -444,3 +447,24 @@ def test_describe_url_hides_credentials():
     assert describe_redis_url("rediss://:pw@10.1.2.3") == "rediss://10.1.2.3:6379/0"
     assert describe_redis_url("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
     assert "pw" not in describe_redis_url("redis://u:pw@host:notaport/0")
+
+
+def test_open_journal_selects_backend(redis_server, tmp_path):
+    redis_settings = Settings(
+        database_url="postgresql://app@127.0.0.1/app",
+        slot_name="orders_feed",
+        journal_backend="redis",
+        redis_url=redis_server.url,
+    )
+    sqlite_settings = Settings(
+        database_url="postgresql://app@127.0.0.1/app",
+        journal_path=str(tmp_path / "journal.sqlite3"),
+    )
+
+    redis_journal = open_journal(redis_settings)
+    sqlite_journal = open_journal(sqlite_settings)
+
+    assert isinstance(redis_journal, RedisJournal)
+    assert redis_journal.events_key == "cdc-stream:orders_feed:events"
+    assert isinstance(sqlite_journal, Journal)
+    sqlite_journal.close()
