@@ -1,0 +1,1 @@
+"""Benchmarks of cdc-stream, run by hand: ``python -m bench`` or ``make bench``."""
