@@ -153,6 +153,10 @@ class StreamCollector(Collector):
         self._stream = stream
         self._slot = slot
 
+    def describe(self) -> list[Any]:
+        # Without it, registering would call collect() and query the slot.
+        return []
+
     def collect(self) -> Iterator[Any]:
         yield from self._hub_metrics()
         yield from self._replication_metrics()

@@ -45,7 +45,7 @@ ORDER BY n.nspname, c.relname, a.attnum
 CACHE_SECONDS = 30.0
 # A lookup of a column the cache lacks reads the catalog again, at most this
 # often, so a column added a moment ago is found.
-MISS_REFRESH_SECONDS = 2.0
+MISS_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
