@@ -55,6 +55,10 @@ class StaleCatalogError(LookupError):
         self.type_oid = type_oid
 
 
+class JsonCastError(ValueError):
+    """A type has a cast to json, which `to_jsonb` calls and this converter cannot."""
+
+
 class ConvertedRow(NamedTuple):
     """A row object, with the columns whose values are not exact."""
 
@@ -88,6 +92,15 @@ def _bytea_raw(value: str) -> str:
     return "\\x" + value
 
 
+def _json_cast_converter(info: TypeInfo) -> Converter:
+    def fail(value: Any) -> Any:
+        raise JsonCastError(
+            f"type {info.name} has a cast to json, which to_jsonb would call"
+        )
+
+    return fail
+
+
 def _failing_converter(error: StaleCatalogError) -> Converter:
     def fail(value: Any) -> Any:
         raise StaleCatalogError(error.type_oid, str(error))
@@ -116,6 +129,7 @@ class RowConverter:
         self.catalog = catalog
         self._numeric_as_string = numeric_as_string
         self._text: dict[int, Converter | None] = {}
+        self._logged_types: set[int] = set()
         self._columns: dict[int, Converter | None] = {
             oid: self._column_converter(info) for oid, info in catalog.types.items()
         }
@@ -163,13 +177,8 @@ class RowConverter:
             name = column["name"]
             try:
                 converted = self.convert([column])
-            except (StaleCatalogError, ValueError, LookupError) as error:
-                logger.warning(
-                    "column %r of type OID %d sent as text: %s",
-                    name,
-                    column["typeoid"],
-                    error,
-                )
+            except (ValueError, LookupError, TypeError, AttributeError) as error:
+                self._log_unconverted(column, error)
                 row[name] = column["value"]
                 unconverted.append(name)
                 continue
@@ -177,6 +186,19 @@ class RowConverter:
             if converted.ambiguous_nulls:
                 ambiguous.append(name)
         return ConvertedRow(row, ambiguous or None, unconverted or None)
+
+    def _log_unconverted(self, column: dict[str, Any], error: Exception) -> None:
+        # Once per type, because every row of a table would repeat it.
+        type_oid = column["typeoid"]
+        if type_oid in self._logged_types:
+            return
+        self._logged_types.add(type_oid)
+        logger.warning(
+            "values of type OID %d (column %r) are sent as text: %s",
+            type_oid,
+            column["name"],
+            error,
+        )
 
     def _unknown(self, type_oid: int) -> Converter | None:
         # wal2json prints type OIDs with %d, so OIDs of 2^31 and above arrive
@@ -232,8 +254,9 @@ class RowConverter:
             return self._vector_converter(info)
         if category is Category.COMPOSITE:
             return self._composite_converter(info)
-        # DATE text in DateStyle ISO is already what `to_jsonb` writes;
-        # JSON_CAST types are sent as text (see docs/types.md).
+        if category is Category.JSON_CAST:
+            return _json_cast_converter(info)
+        # DATE text in DateStyle ISO is already what `to_jsonb` writes.
         return None
 
     def _array_converter(self, info: TypeInfo) -> Converter:

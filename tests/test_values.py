@@ -31,7 +31,7 @@ from cdc_stream.pgtext import (
     timestamp_to_iso,
     timestamptz_to_iso,
 )
-from cdc_stream.values import RowConverter, StaleCatalogError
+from cdc_stream.values import JsonCastError, RowConverter, StaleCatalogError
 
 sys.set_int_max_str_digits(0)
 
@@ -441,12 +441,23 @@ def test_domains_take_base_json_form():
             column("a", 20001, "5"),
             column("b", 20002, "{1,2}"),
             column("c", 20005, "t"),
-            column("d", 20006, "(x)"),
             column("e", 20008, "()"),
         ]
     )
 
-    assert orjson.dumps(row.values) == (b'{"a":5,"b":[1,2],"c":true,"d":"(x)","e":{}}')
+    assert orjson.dumps(row.values) == b'{"a":5,"b":[1,2],"c":true,"e":{}}'
+
+
+def test_type_with_json_cast_sent_as_text():
+    converter = RowConverter(user_catalog())
+    columns = [column("d", 20006, "(x)"), column("i", 23, "1")]
+
+    with pytest.raises(JsonCastError):
+        converter.convert(columns)
+    row = converter.convert_leniently(columns)
+
+    assert orjson.dumps(row.values) == b'{"d":"(x)","i":1}'
+    assert row.unconverted == ["d"]
 
 
 def test_composites_become_objects():
