@@ -1,21 +1,22 @@
-# Developer entry points: `make install`, `make test`, `make demo`.
+# Developer entry points: `make install`, `make test`, `make demo`, `make bench`.
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALL_STAMP := $(VENV)/.cdc-stream-installed
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json
-SYSTEM_PACKAGES := $(PG_PACKAGES) redis-server
+SYSTEM_PACKAGES := $(PG_PACKAGES) redis-server chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 MAKEFLAGS += --no-print-directory
 
-.PHONY: install system-packages test demo
+.PHONY: install system-packages test demo bench
 
 install: system-packages $(INSTALL_STAMP)
 
 # Install the PostgreSQL server and the wal2json plugin that the tests and the
-# demo start their private clusters with, and the redis-server that the tests
-# of distributed mode start, when a Debian package is missing.
+# demo start their private clusters with, the redis-server that the tests
+# of distributed mode start, and the chromium that the dashboard tests drive,
+# when a Debian package is missing.
 system-packages:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
 		echo "dpkg-query not found: install PostgreSQL 15, wal2json and Redis by hand"; \
@@ -47,3 +48,9 @@ test: install
 
 demo: install
 	@$(VENV)/bin/cdc-stream demo
+
+# Benchmarks, run by hand (docs/benchmarks.md); BENCH="ingest latency" picks
+# some. The profile benchmark needs py-spy, which the app itself does not.
+bench: install
+	@$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q py-spy
+	@$(PYTHON) -m bench $(BENCH)
