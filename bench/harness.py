@@ -108,6 +108,12 @@ def raise_open_files_limit(wanted: int) -> int:
     Children inherit the limit, so app servers and clients started later get it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        # Raising the hard limit needs CAP_SYS_RESOURCE; without it the
+        # current hard limit stays the ceiling.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
