@@ -52,7 +52,7 @@ JSONB = 3802
 
 
 class Category(StrEnum):
-    """How `to_jsonb` writes a value of a type (after resolving domains)."""
+    """JSON form that `to_jsonb` gives a type's values, after resolving domains."""
 
     BOOL = "bool"
     # int2, int4, int8, float4 and float8: a JSON number, or a string for

@@ -6,10 +6,10 @@ IDENTITY NOTHING, or USING INDEX with the index gone). The server only logs
 a WARNING in the walsender, so nothing reaches the client. wal2json also
 writes text in the database encoding, which is valid JSON only in UTF8.
 
-`find_replica_identity_issues` works on a loaded catalog (pure);
+`find_replica_identity_issues` works on a loaded catalog and is pure.
 `check_database` connects, runs every check and returns structured results
-for the `cdc-stream check` command; `log_replica_identity_issues` writes the
-WARNING lines the reader logs when it connects.
+for the `cdc-stream check` command. `log_replica_identity_issues` writes the
+WARNING lines that the reader logs when it connects.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from .catalog import Catalog, TableInfo, load_catalog
 from .config import Settings
 
 logger = logging.getLogger(__name__)
-
-_IDENTITY_NAMES = {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "USING INDEX"}
 
 
 @dataclass(frozen=True)

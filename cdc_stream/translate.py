@@ -68,7 +68,7 @@ _NOTHING = Output(None, None)
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    """Where the changes of one wal2json table go."""
+    """Destination of the changes of one wal2json table."""
 
     schema: str
     table: str
@@ -101,8 +101,14 @@ class Translator:
         self._refreshed_for: set[Hashable] = set()
         self.use_catalog(catalog or Catalog.builtin())
 
-    def use_catalog(self, catalog: Catalog) -> None:
-        """Convert values with `catalog` from now on, e.g. one read at connect time."""
+    def use_catalog(self, catalog: Catalog, *, fresh: bool = True) -> None:
+        """Convert values with `catalog` from now on, e.g. one read at connect time.
+
+        A `fresh` catalog lets names that a refresh did not find before
+        trigger a refresh again.
+        """
+        if fresh:
+            self._refreshed_for.clear()
         self.catalog = catalog
         self._rows = RowConverter(
             catalog, numeric_as_string=self._settings.numeric_as_string
@@ -274,6 +280,9 @@ class Translator:
         return self._rows.convert_leniently(columns)
 
     def _route(self, schema: str, table: str, *, refresh: bool = True) -> _Route:
+        # NOTE: routes are kept until the catalog is read again, so a table
+        # attached as a partition after that keeps its own name until the
+        # next refresh or reconnection.
         route = self._routes.get((schema, table))
         if route is not None:
             return route
@@ -313,7 +322,7 @@ class Translator:
         catalog = self._load_catalog()
         if catalog is None:
             return False
-        self.use_catalog(catalog)
+        self.use_catalog(catalog, fresh=False)
         return True
 
     def _message(self, message: LogicalMessage) -> Output:
@@ -353,10 +362,16 @@ class Translator:
         change: RowChange | None = None,
     ) -> Output:
         self.decode_errors += 1
-        facts = line_facts(payload) if payload is not None else None
-        schema = change.schema if change else facts.schema if facts else None
-        table = change.table if change else facts.table if facts else None
-        message_lsn = change.lsn if change else facts.lsn if facts else None
+        schema: str | None = None
+        table: str | None = None
+        message_lsn: int | None = None
+        action: str | None = None
+        if change is not None:
+            schema, table, message_lsn = change.schema, change.table, change.lsn
+        elif payload is not None:
+            facts = line_facts(payload)
+            schema, table, message_lsn = facts.schema, facts.table, facts.lsn
+            action = facts.action
 
         position, lsn, commit_time, xid = self._error_position(message_lsn)
         logger.error(
@@ -371,7 +386,7 @@ class Translator:
         if schema is not None and table is not None:
             route = self._route(schema, table, refresh=False)
             schema, table, channel = route.schema, route.table, route.channel
-        operation = _OPERATIONS.get(facts.action) if facts and facts.action else None
+        operation = _OPERATIONS.get(action or "")
         if change is not None:
             operation = change.operation
 

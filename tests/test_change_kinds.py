@@ -938,6 +938,27 @@ def test_unknown_type_refreshes_catalog():
     assert len(loads) == 2
 
 
+def test_fresh_catalog_allows_refresh_again():
+    loads: list[int] = []
+
+    def load() -> Catalog:
+        loads.append(1)
+        return Catalog.builtin()
+
+    translator = Translator(SETTINGS, load_catalog=load)
+    translator.feed(begin(1, "0/100", "0/180"))
+    row = insert("t", "0/20", [{"name": "m", "typeoid": 90000, "value": "x"}])
+
+    event_of(translator, row)
+    event_of(translator, row)
+    assert len(loads) == 2
+    translator.use_catalog(Catalog.builtin())
+    event = event_of(translator, row)
+
+    assert len(loads) == 4
+    assert event["unconverted"] == ["m"]
+
+
 def test_nan_reported_as_ambiguous_null():
     translator = Translator(SETTINGS)
     translator.feed(begin(1, "0/100", "0/180"))
