@@ -188,7 +188,7 @@ def _raw_content(raw_line: bytes) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class LineFacts:
-    """What can be read from a message that cannot be parsed, without row data."""
+    """Facts read from the head of a message that cannot be parsed, without row data."""
 
     action: str | None
     lsn: int | None

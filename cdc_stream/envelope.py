@@ -77,7 +77,7 @@ def change_event(
 ) -> Event:
     """Build and encode the event of one row change.
 
-    `rows` holds the new and old row objects; without it they are converted
+    `rows` contains the new and old row objects; without it they are converted
     with the built-in type catalog. `schema` and `table` override the names
     in `change` (a partition is reported under its root table), and
     `details` holds additive fields such as `partition` or `unchanged_toast`.

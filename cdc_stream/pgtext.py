@@ -1,13 +1,13 @@
 """Parse the text forms PostgreSQL's output functions write (pure, no I/O).
 
 The parsers accept what `array_out` and `record_out` produce, which is
-stricter than what their input functions accept: an array element is
-double-quoted (with `"` and `\\` escaped by a backslash) when it is empty,
-is `NULL` in any case, or contains the delimiter, a brace, a quote, a
-backslash or white space; an unquoted `NULL` is SQL NULL. A record field is
-double-quoted when it is empty or contains a parenthesis, a comma, a quote,
-a backslash or white space, with `"` and `\\` doubled; an empty field is
-SQL NULL. Text in any other form raises ValueError.
+stricter than what their input functions accept. `array_out` double-quotes
+an element when it is empty, is `NULL` in any case, or contains the
+delimiter, a brace, a quote, a backslash or white space, and escapes `"` and
+`\\` with a backslash. An unquoted `NULL` is SQL NULL. `record_out`
+double-quotes a field when it is empty or contains a parenthesis, a comma, a
+quote, a backslash or white space, and doubles `"` and `\\`. An empty field
+is SQL NULL. Text in any other form raises ValueError.
 """
 
 from __future__ import annotations

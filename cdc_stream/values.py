@@ -10,13 +10,14 @@ chosen by the column's declared type OID:
 * bytea: the hex output text without its leading `\\x`.
 * every other type, domains included: the output text as a JSON string.
 
-`RowConverter` picks a converter for each OID once, from the type catalog,
-and turns that into the JSON `to_jsonb` writes for the type: numbers stay
-exact (embedded with `orjson.Fragment`), json stays nested JSON, arrays and
-composites become JSON arrays and objects with typed elements, and
-timestamps get `to_jsonb`'s ISO 8601 form. The text forms are the ones of
-the session settings the replication connection pins (DateStyle ISO,
-IntervalStyle postgres, extra_float_digits 1, bytea_output hex).
+`RowConverter` picks a converter for each OID once, from the type catalog.
+The converter turns wal2json's value into the JSON `to_jsonb` writes for the
+type. Numbers stay exact because they are embedded with `orjson.Fragment`.
+json stays nested JSON, arrays and composites become JSON arrays and objects
+with typed elements, and timestamps get `to_jsonb`'s ISO 8601 form. The text
+forms parsed are those of the session settings that the replication
+connection pins (DateStyle ISO, IntervalStyle postgres, extra_float_digits 1,
+bytea_output hex).
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class RowConverter:
         """Convert wal2json's column list of one row.
 
         Raises StaleCatalogError for a type the catalog lacks, and ValueError
-        or LookupError for text it cannot parse; `convert_leniently` never
-        raises.
+        or LookupError for text it cannot parse. `convert_leniently` sends
+        such values as text instead.
         """
         row: dict[str, Any] = {}
         ambiguous: list[str] | None = None

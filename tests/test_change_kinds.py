@@ -1,7 +1,7 @@
 """Every kind of change, through a real replication connection and in pure code.
 
 The server tests run `ReplicationReader` against a private cluster and read
-the events it stored in its journal; the pure tests feed wal2json lines to
+the events it stored in its journal. The pure tests feed wal2json lines to
 `Translator` directly.
 """
 
@@ -110,7 +110,7 @@ class ReaderRun:
         self.start()
 
     def events(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until the journal holds `count` events; return them parsed."""
+        """Wait until the journal contains `count` events; return them parsed."""
         deadline = time.monotonic() + timeout
         while True:
             stored = self.journal.read_after(Position(0, -1), count + 100)
@@ -123,16 +123,6 @@ class ReaderRun:
             f"{[(e['type'], e.get('operation'), e.get('table')) for e in events]}"
         )
         return events
-
-    def settle(self, quiet_seconds: float = 1.0) -> None:
-        """Wait until no new event was stored for `quiet_seconds`."""
-        last = -1
-        while True:
-            count = len(self.journal.read_after(Position(0, -1), 1_000_000))
-            if count == last:
-                return
-            last = count
-            time.sleep(quiet_seconds)
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Every column type against `to_jsonb`, through a real replication connection.
 
 Each test creates rows in a database whose settings are hostile to naive
-decoding (a non-UTC time zone, DateStyle SQL/DMY, bytea_output escape,
+decoding: a non-UTC time zone, DateStyle SQL/DMY, bytea_output escape,
 extra_float_digits 0, IntervalStyle iso_8601 and a search_path of odd
-schemas holding types named like built-ins), streams them with
-`ReplicationReader`, and compares every value of `data` and `old` with what
+schemas that contain types named like built-ins. It streams the rows with
+`ReplicationReader` and compares every value of `data` and `old` with what
 `to_jsonb` gives for the same row in a UTC session with PostgreSQL's default
 output settings.
 
