@@ -188,3 +188,26 @@ def test_dashboard_catches_up_after_restart(app_server, database, tmp_path, page
     assert len(set(ids)) == 16
     assert list(reversed(markets)) == expected
     assert page.locator("#last-id").text_content() == health(second)["last_event_id"]
+
+
+def test_dashboard_pause_and_replay(served, page):
+    server, dsn = served
+    open_dashboard(page, server)
+    insert_orders(dsn, "PAUSE-0")
+    expect(page.locator("#events tbody tr")).to_have_count(1, timeout=15_000)
+    first_id = page.locator("#events tbody tr").first.get_attribute("data-id")
+
+    page.locator("#pause").click()
+    expect(page.locator("#state")).to_have_text("paused")
+    insert_orders(dsn, "PAUSE-1", "PAUSE-2")
+    page.wait_for_timeout(500)
+    paused_rows = page.locator("#events tbody tr").count()
+    page.locator("#pause").click()
+    expect(page.locator("#events tbody tr")).to_have_count(3, timeout=15_000)
+
+    page.locator("#replay-from").fill(first_id)
+    page.locator("#replay button").click()
+    expect(page.locator("#events tbody tr")).to_have_count(2, timeout=15_000)
+
+    assert paused_rows == 1
+    assert market_cells(page) == ["PAUSE-2", "PAUSE-1"]
