@@ -14,6 +14,9 @@ It runs twice:
   app's Python code runs on one core at a time, so this is where its CPU
   goes, whichever thread runs it.
 
+Then a third run samples the GIL holder during a short fan-out (1,000
+clients at 200 changes/s), where the event loop does most of the work.
+
 Each lists the functions where samples landed (self) and the functions on
 the stack (inclusive), as shares of the samples shown.
 
@@ -26,12 +29,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fanout
 from .harness import (
     BenchError,
     Workspace,
@@ -43,10 +48,12 @@ from .harness import (
     workspace,
 )
 from .ingest import BATCH, ROWS, RUN_TIMEOUT, prepare, start_gated_app
+from .live import LiveResult, prepare_database, run_paced, start_app
 from .report import Report
 
 RATE = 100
 TOP = 15
+FANOUT_SECONDS = 8.0
 REPLICATION_THREAD = "cdc-replication"
 
 
@@ -105,20 +112,52 @@ def _function(frame: str) -> str:
     return f"{name} ({location.rsplit(':', 1)[0].rstrip(')')})"
 
 
-def record(ws: Workspace, output: Path, rows: int, gil: bool) -> float:
-    """Run the app's ingest under py-spy; return the seconds sampled."""
-    py_spy = find_py_spy()
-    if py_spy is None:
-        raise BenchError(
-            "py-spy not found: install it with .venv/bin/pip install py-spy"
-        )
+class Sampler:
+    """py-spy recording one process's raw stacks until stopped."""
 
+    def __init__(self, pid: int, output: Path, log: Path, gil: bool) -> None:
+        py_spy = find_py_spy()
+        if py_spy is None:
+            raise BenchError(
+                "py-spy not found: install it with .venv/bin/pip install py-spy"
+            )
+        command = [
+            py_spy,
+            "record",
+            f"--pid={pid}",
+            f"--rate={RATE}",
+            "--format=raw",
+            "--threads",
+            *(["--gil"] if gil else []),
+            f"--duration={int(RUN_TIMEOUT)}",
+            f"--output={output}",
+        ]
+        with log.open("ab") as log_file:
+            self.process = spawn(command, stdout=log_file, stderr=log_file)
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        # py-spy needs a moment to attach before the measured work starts.
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        """Stop sampling; py-spy writes its output on SIGINT."""
+        self.seconds = time.monotonic() - self.started
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        stop_process(self.process)
+
+
+def record_ingest(ws: Workspace, output: Path, rows: int, gil: bool) -> float:
+    """Run the app's ingest under py-spy; return the seconds sampled."""
     workdir = ws.scratch("profile")
     with ws.database("bench_profile") as dsn:
         loaded = prepare(dsn, "bench_profile", ["profile"], rows, BATCH)
         app, placeholder = start_gated_app(workdir, loaded, "profile")
         client = sampler = None
-        log = (workdir / "py-spy.log").open("ab")
         try:
             client = spawn(
                 python_module(
@@ -130,37 +169,41 @@ def record(ws: Workspace, output: Path, rows: int, gil: bool) -> float:
                 )
             )
             read_json_line(client, 30)
-            sampler = spawn(
-                [
-                    py_spy,
-                    "record",
-                    f"--pid={app.worker_pid()}",
-                    f"--rate={RATE}",
-                    "--format=raw",
-                    "--threads",
-                    *(["--gil"] if gil else []),
-                    f"--duration={int(RUN_TIMEOUT)}",
-                    f"--output={output}",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-            # py-spy needs a moment to attach before the measured work starts.
-            time.sleep(1.0)
+            sampler = Sampler(app.worker_pid(), output, workdir / "py-spy.log", gil)
             placeholder.release()
             taken_at, _ = wait_slot_taken(dsn, "profile", placeholder.pid, 30)
             result = read_json_line(client, RUN_TIMEOUT + 10)
-            sampler.send_signal(signal.SIGINT)
-            sampler.wait(30)
         finally:
-            for process in (sampler, client):
-                if process is not None:
-                    stop_process(process)
+            if sampler is not None:
+                sampler.stop()
+            if client is not None:
+                stop_process(client)
             app.stop()
-            log.close()
     if result["changes_total"] != rows:
         raise BenchError(f"client received {result['changes_total']} of {rows} events")
     return result["last_change_at"] - taken_at
+
+
+def record_fanout(ws: Workspace, output: Path) -> tuple[LiveResult, float]:
+    """Run a short fan-out under py-spy --gil; return it and the seconds sampled."""
+    workdir = ws.scratch("profile-fanout")
+    with ws.database("bench_profile_fanout") as dsn:
+        prepare_database(dsn)
+        with start_app(workdir, dsn, "profile_fanout") as app:
+            sampler = Sampler(app.worker_pid(), output, workdir / "py-spy.log", True)
+            try:
+                result = run_paced(
+                    app,
+                    dsn,
+                    rate=fanout.RATE,
+                    seconds=FANOUT_SECONDS,
+                    clients=fanout.CLIENTS,
+                    processes=fanout.PROCESSES,
+                    warmup=1.0,
+                )
+            finally:
+                sampler.stop()
+    return result, sampler.seconds
 
 
 def run(ws: Workspace, rows: int = ROWS) -> Report:
@@ -169,7 +212,7 @@ def run(ws: Workspace, rows: int = ROWS) -> Report:
     directory = ws.scratch("profile-output")
 
     wall_path = directory / "wall.raw"
-    seconds = wall_seconds = record(ws, wall_path, rows, gil=False)
+    seconds = wall_seconds = record_ingest(ws, wall_path, rows, gil=False)
     wall = parse_raw(wall_path)
     report.add("")
     report.add(
@@ -184,7 +227,7 @@ def run(ws: Workspace, rows: int = ROWS) -> Report:
     add_functions(report, replication)
 
     gil_path = directory / "gil.raw"
-    seconds = record(ws, gil_path, rows, gil=True)
+    seconds = record_ingest(ws, gil_path, rows, gil=True)
     gil = parse_raw(gil_path)
     held = gil.samples / (seconds * RATE)
     report.add("")
@@ -198,10 +241,28 @@ def run(ws: Workspace, rows: int = ROWS) -> Report:
         report.add(f"  {100 * count / max(gil.samples, 1):5.1f} %  {thread}")
     add_functions(report, gil)
 
+    fanout_path = directory / "fanout.raw"
+    result, sampled = record_fanout(ws, fanout_path)
+    fanout_profile = parse_raw(fanout_path)
+    fanout_held = fanout_profile.samples / (sampled * RATE)
+    report.add("")
+    report.add(
+        f"### Fan-out, GIL holder: {fanout.CLIENTS:,} clients at "
+        f"{fanout.RATE} changes/s for {FANOUT_SECONDS:.0f} s under py-spy; "
+        f"p50 {result.p50_ms:.0f} ms, p99 {result.p99_ms:.0f} ms; the GIL was "
+        f"held in {100 * fanout_held:.0f} % of the {sampled:.0f} s sampled "
+        "(connecting, load and drain)"
+    )
+    report.add("GIL samples by thread:")
+    for thread, count in fanout_profile.threads.most_common():
+        report.add(f"  {100 * count / max(fanout_profile.samples, 1):5.1f} %  {thread}")
+    add_functions(report, fanout_profile)
+
     report.key(
         f"profile: replication thread busy "
         f"{100 * replication.samples / (wall_seconds * RATE):.0f} % of the run; "
-        f"top self (wall): {_top(replication)}; top self (GIL): {_top(gil)}"
+        f"top self (wall): {_top(replication)}; top self (GIL): {_top(gil)}; "
+        f"fan-out top self (GIL): {_top(fanout_profile)}"
     )
     return report
 
