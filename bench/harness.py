@@ -45,7 +45,7 @@ _children: list[subprocess.Popen[bytes]] = []
 
 
 class BenchError(RuntimeError):
-    """A benchmark could not set up or run; the message says which step."""
+    """A benchmark failed to set up or run; the message names the step."""
 
 
 def spawn(
@@ -427,7 +427,7 @@ class AppServer:
                 http_get(self.port, "/healthz")
                 return
             time.sleep(0.05)
-        raise BenchError(f"app {self.name} did not answer within {timeout} s")
+        raise BenchError(f"app {self.name}: GET /healthz timed out after {timeout} s")
 
 
 def _app_environment(env: Mapping[str, str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ Then, three times each, alternating:
 
 Both clocks start when the slot becomes active (polled in
 pg_replication_slots every 2 ms), so neither includes process start-up. The
-app is started while a placeholder replication connection holds its slot,
+app is started while a placeholder replication connection keeps its slot active,
 and the client subscribes before the placeholder lets go. That way every
 event reaches the client live, as in production, not from a journal replay.
 """
@@ -164,7 +164,7 @@ def run_recvlogical(ws: Workspace, loaded: Loaded, slot: str) -> tuple[float, fl
 
 
 class SlotPlaceholder:
-    """A replication connection that holds a slot without reading from it."""
+    """A replication connection that keeps a slot active without reading from it."""
 
     def __init__(self, dsn: str, slot: str) -> None:
         self.dsn = dsn
@@ -184,7 +184,7 @@ class SlotPlaceholder:
 def start_gated_app(
     workdir: Path, loaded: Loaded, slot: str, env: dict[str, str] | None = None
 ) -> tuple[AppServer, SlotPlaceholder]:
-    """Start the app on `slot` while a placeholder holds it; the app stands by."""
+    """Start the app on `slot` while a placeholder keeps it active, so the app waits."""
     placeholder = SlotPlaceholder(loaded.dsn, slot)
     app_env = {
         "DATABASE_URL": loaded.dsn,

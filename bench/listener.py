@@ -1,10 +1,10 @@
 """The trigger design's consumer: a LISTEN client counting notifications.
 
 Run as ``python -m bench.listener --dsn DSN --channel NAME``. It writes
-``{"ready": true}`` once it listens, then counts notifications until none
-arrived for `--idle-seconds` after `--expect` of them (or after the first,
-without `--expect`), or until `--seconds` have passed, and writes one JSON
-line with the count, the payload bytes and its own CPU time.
+``{"ready": true}`` once it listens, then counts notifications. It stops
+when none arrived for `--idle-seconds` after at least `--expect` of them
+(at least one, without `--expect`), or after `--seconds`. Then it writes
+one JSON line with the count, the payload bytes and its own CPU time.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ DRAIN_SECONDS = 15.0
 
 @dataclass
 class LiveResult:
-    """What one paced run measured."""
+    """Measurements of one paced run."""
 
     rate: float
     seconds: float

@@ -3,12 +3,12 @@
 Three measurements:
 
 1. Write throughput: pgbench inserts single-row transactions from 4
-   connections for a fixed time into a table with no capture, into a table
-   whose trigger calls pg_notify (with a LISTEN client consuming), into a
-   table the app streams through a slot, and into a table that
-   pg_recvlogical streams through a slot to /dev/null, which shows the
-   database's own cost of decoding without the app's CPU. Three rounds,
-   alternating; a fresh slot for each run.
+   connections for a fixed time, under four designs. The table has no
+   capture, or a trigger that calls pg_notify (with a LISTEN client
+   consuming), or a slot that the app streams, or a slot that
+   pg_recvlogical streams to /dev/null. The last one shows the database's
+   own cost of decoding without the app's CPU. Three rounds alternate the
+   designs, and each slot run gets a fresh slot.
 2. Events lost while the consumer is down: 3 x 1,000 rows, with the LISTEN
    client, or the app, stopped during the middle 1,000. The SSE client
    resumes with Last-Event-ID after the app restarts.
@@ -83,8 +83,9 @@ class ThroughputRun:
 class Setup:
     """The benchmark database and its tables; each app run gets a fresh slot.
 
-    A slot created just before a run holds none of the WAL that earlier runs
-    wrote, so the app never catches up on old changes during a measurement.
+    A slot created just before a run retains none of the WAL that earlier
+    runs wrote, so the app never catches up on old changes during a
+    measurement.
     """
 
     def __init__(self, ws: Workspace, dsn: str, workdir: Path) -> None:

@@ -1,11 +1,12 @@
 """Many SSE clients in one process: asyncio protocols on raw sockets.
 
 Run as ``python -m bench.sse_clients --port P --clients N ...``. The process
-opens N streams of ``GET /api/realtime`` on 127.0.0.1, waits until every one
-has received its `connection` event (so it is subscribed), writes one JSON
-line ``{"ready": ...}`` to stdout, then reads until each client has
-``--events`` change events or ``--seconds`` have passed, and writes one JSON
-line with the counts, the latency histogram and its own CPU time.
+opens N streams of ``GET /api/realtime`` on 127.0.0.1 and waits until every
+one has received its `connection` event, which means it is subscribed. Then
+it writes one JSON line ``{"ready": ...}`` to stdout. It reads until each
+client has ``--events`` change events or ``--seconds`` have passed, and
+writes one JSON line with the counts, the latency histogram and its own CPU
+time.
 
 Latency is the receive time minus the `sent_us` column of the row, which the
 load generator sets to its wall clock in microseconds just before the
@@ -350,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True, help="app port on 127.0.0.1")
     parser.add_argument("--path", default="/api/realtime", help="request path")
     parser.add_argument("--clients", type=int, default=1, help="number of streams")
+
     parser.add_argument(
         "--concurrency", type=int, default=50, help="connections opened at once"
     )
@@ -365,6 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seconds", type=float, required=True, help="maximum time after ready"
     )
+
     parser.add_argument(
         "--latency", action="store_true", help="histogram of receive time - sent_us"
     )
