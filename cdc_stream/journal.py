@@ -13,13 +13,15 @@ client resuming from before the horizon is told that history was lost.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from .envelope import Event
 from .positions import Position
@@ -92,11 +94,40 @@ def _key(position: Position) -> tuple[int, int]:
     return position.commit_lsn - _LSN_OFFSET, position.index
 
 
-class Journal:
-    """SQLite journal of one slot; each thread gets its own connection."""
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-    def __init__(self, path: Path) -> None:
+
+def _storage_errors(
+    method: Callable[Concatenate[Journal, _P], _R],
+) -> Callable[Concatenate[Journal, _P], _R]:
+    """Raise SQLite's operational errors (locked, disk full, I/O) as OSError.
+
+    Journal callers treat OSError as storage that is unavailable for now, so
+    the replication reader reconnects without confirming and the tailer
+    retries.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Journal, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as error:
+            raise OSError(f"journal {str(self.path)!r}: {error}") from error
+
+    return wrapper
+
+
+class Journal:
+    """SQLite journal of one slot; each thread gets its own connection.
+
+    `busy_timeout` is how long, in seconds, a call waits for another
+    connection's write lock before it fails with OSError.
+    """
+
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._connection() as conn:
@@ -105,9 +136,14 @@ class Journal:
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None
+            )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # The slot is confirmed once an append returns, so the append
+            # must survive a power loss too. FULL syncs the WAL file at each
+            # commit, and NORMAL only at checkpoints.
+            conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
@@ -118,6 +154,7 @@ class Journal:
             conn.close()
             self._local.conn = None
 
+    @_storage_errors
     def append(self, events: Iterable[Event]) -> None:
         """Store events in one transaction; positions already held are skipped."""
         conn = self._connection()
@@ -132,6 +169,7 @@ class Journal:
             raise
         conn.execute("COMMIT")
 
+    @_storage_errors
     def read_after(
         self, after: Position, limit: int, upto: Position | None = None
     ) -> list[Event]:
@@ -145,6 +183,7 @@ class Journal:
         params.append(limit)
         return [_to_event(row) for row in self._connection().execute(query, params)]
 
+    @_storage_errors
     def last_position(self) -> Position | None:
         row = (
             self._connection()
@@ -156,6 +195,7 @@ class Journal:
         )
         return None if row is None else Position(row[0] + _LSN_OFFSET, row[1])
 
+    @_storage_errors
     def first_position(self) -> Position | None:
         row = (
             self._connection()
@@ -166,6 +206,7 @@ class Journal:
         )
         return None if row is None else Position(row[0] + _LSN_OFFSET, row[1])
 
+    @_storage_errors
     def position_before_time(self, moment: float) -> Position | None:
         """Return the position just before the first event committed at `moment`.
 
@@ -184,6 +225,7 @@ class Journal:
             return None
         return Position(row[0] + _LSN_OFFSET, row[1] - 1)
 
+    @_storage_errors
     def get_meta(self, key: str) -> str | None:
         row = (
             self._connection()
@@ -192,6 +234,7 @@ class Journal:
         )
         return None if row is None else str(row[0])
 
+    @_storage_errors
     def set_meta(self, key: str, value: str) -> None:
         self._connection().execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -199,6 +242,7 @@ class Journal:
             (key, value),
         )
 
+    @_storage_errors
     def horizon(self) -> tuple[Position, float] | None:
         """Return the horizon position and its commit time, or None if unset."""
         value = self.get_meta("horizon")
@@ -207,14 +251,20 @@ class Journal:
         lsn, index, moment = value.split(" ")
         return Position(int(lsn), int(index)), float(moment)
 
+    @_storage_errors
     def raise_horizon(self, position: Position, moment: float) -> None:
         """Move the horizon forward to `position`; it never moves back."""
         current = self.horizon()
         if current is None or position > current[0]:
             self.set_meta("horizon", f"{position.commit_lsn} {position.index} {moment}")
 
+    @_storage_errors
     def prune(self, max_events: int, max_age_seconds: float, chunk: int = 5000) -> int:
-        """Delete events past the retention limits, in short transactions."""
+        """Delete events past the retention limits, in short transactions.
+
+        Each transaction deletes the oldest events up to the last one past a
+        limit, and raises the horizon to it.
+        """
         conn = self._connection()
         deleted = 0
         cutoff = time.time() - max_age_seconds
@@ -234,16 +284,21 @@ class Journal:
 
             last = doomed[-1]
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "DELETE FROM events WHERE (commit_lsn, idx) <= (?, ?)",
-                (last[0], last[1]),
-            )
-            self.raise_horizon(Position(last[0] + _LSN_OFFSET, last[1]), last[2])
+            try:
+                cursor = conn.execute(
+                    "DELETE FROM events WHERE (commit_lsn, idx) <= (?, ?)",
+                    (last[0], last[1]),
+                )
+                self.raise_horizon(Position(last[0] + _LSN_OFFSET, last[1]), last[2])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
-            deleted += len(doomed)
+            deleted += cursor.rowcount
             if len(doomed) < len(rows):
                 return deleted
 
+    @_storage_errors
     def stats(self) -> JournalStats:
         (count,) = self._connection().execute("SELECT count(*) FROM events").fetchone()
         size = sum(
