@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from quart import Quart, Response, jsonify, request
@@ -14,11 +15,21 @@ from quart_cors import cors
 from . import envelope, sse, web
 from .config import Settings
 from .errors import ConfigError, InvalidPositionError
-from .hub import OPERATIONS, EventFilter, Hub, JournalTailer, Subscriber
+from .hub import (
+    OPERATIONS,
+    EventFilter,
+    Hub,
+    JournalPage,
+    JournalTailer,
+    Subscriber,
+    history_lost_frame,
+    position_for_time,
+    read_page,
+)
 from .journals import EventJournal, open_journal
 from .positions import Position
 from .replication import ReplicationReader
-from .resume import ResumePoint, parse_resume_point
+from .resume import ResumePoint, parse_resume_point, resume_id
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +42,8 @@ SSE_HEADERS = {
 REPLAY_PAGE = 1000
 REPLAY_DEFAULT_LIMIT = 1000
 REPLAY_MAX_LIMIT = 100_000
+TAILER_BATCH = 1000
+TAILER_RESTART_SECONDS = 1.0
 
 
 class BadRequest(ValueError):
@@ -44,11 +57,15 @@ class Stream:
         self.settings = settings
         self.journal = open_journal(settings)
         self.hub = Hub(self.journal.last_position() or Position(0, -1))
+        # A subscriber is ended when more than queue_size frames are pending,
+        # so one published batch must leave room for a client that keeps up.
+        batch_size = max(1, min(TAILER_BATCH, settings.queue_size // 2))
         self.tailer = JournalTailer(
-            self.journal, self.hub, settings.journal_poll_seconds
+            self.journal, self.hub, settings.journal_poll_seconds, batch_size
         )
         self.reader: ReplicationReader | None = None
         self.tailer_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -56,11 +73,33 @@ class Stream:
         def wake_tailer() -> None:
             loop.call_soon_threadsafe(self.tailer.wake)
 
-        self.tailer_task = asyncio.create_task(self.tailer.run())
+        self._start_tailer()
         self.reader = ReplicationReader(self.settings, self.journal, wake_tailer)
         self.reader.start()
 
+    def _start_tailer(self) -> None:
+        if self._stopping:
+            return
+        self.tailer_task = asyncio.create_task(self.tailer.run())
+        self.tailer_task.add_done_callback(self._tailer_ended)
+
+    def _tailer_ended(self, task: asyncio.Task[None]) -> None:
+        # Without the tailer no client of this process gets another event, so
+        # an unexpected error restarts it instead of ending it silently.
+        if task.cancelled():
+            return
+        error = task.exception()
+        logger.error(
+            "journal tailer failed, restarting it in %.0f s: %r",
+            TAILER_RESTART_SECONDS,
+            error,
+            exc_info=error,
+        )
+        loop = asyncio.get_running_loop()
+        loop.call_later(TAILER_RESTART_SECONDS, self._start_tailer)
+
     async def stop(self) -> None:
+        self._stopping = True
         if self.tailer_task is not None:
             self.tailer_task.cancel()
         if self.reader is not None:
@@ -246,36 +285,27 @@ def _split_values(values: list[str]) -> frozenset[str]:
 
 async def resolve_start(
     journal: EventJournal, resume: ResumePoint, live_start: Position
-) -> tuple[Position, bytes]:
-    """Return where replay starts, and a history-lost notice if history is gone."""
-    horizon = await asyncio.to_thread(journal.horizon)
-    after = resume.after
-    lost = False
+) -> Position:
+    """Return the position after which a resumed stream continues.
 
-    if after is not None:
-        lost = horizon is not None and after < horizon[0]
-    else:
-        assert resume.moment is not None
-        lost = horizon is not None and resume.moment < horizon[1]
-        if not lost:
-            found = await asyncio.to_thread(journal.position_before_time, resume.moment)
-            after = found if found is not None else live_start
+    A time before the retained history gives a position before the horizon,
+    so the replay reports the loss.
+    """
+    if resume.after is not None:
+        return resume.after
+    assert resume.moment is not None
+    found = await asyncio.to_thread(position_for_time, journal, resume.moment)
+    return found if found is not None else live_start
 
-    if not lost:
-        assert after is not None
-        return after, b""
 
-    assert horizon is not None
-    oldest = await asyncio.to_thread(journal.first_position)
-    notice = envelope.notice_frame(
-        "history_lost",
-        f"history from {resume.text} is no longer held; events continue from the "
-        "oldest one held, so reload your state",
-        datetime.now(UTC),
-        requested=resume.text,
-        oldest_id=oldest.event_id if oldest else None,
-    )
-    return horizon[0], notice
+@dataclass(frozen=True)
+class ReplayPage:
+    """Frames of one journal page, after a history-lost notice if history is gone."""
+
+    notice: bytes
+    frames: list[bytes]
+    # Position of the last frame, or None without frames.
+    last: Position | None
 
 
 async def read_range(
@@ -285,29 +315,61 @@ async def read_range(
     upto: Position | None,
     limit: int | None = None,
     transform: Callable[[envelope.Event], bytes | None] | None = None,
-) -> AsyncIterator[list[bytes]]:
+    requested: str | None = None,
+) -> AsyncIterator[ReplayPage]:
     """Yield pages of matching frames from the journal, in order.
 
-    `transform` is the subscriber's view, as in `Subscriber.offer`.
+    Wherever retention pruned events after the position reached, a page
+    starts with a history-lost notice naming `requested` (the first time)
+    or that position. `transform` is the subscriber's view, as in
+    `Subscriber.offer`.
     """
     sent = 0
     while limit is None or sent < limit:
-        events = await asyncio.to_thread(journal.read_after, after, REPLAY_PAGE, upto)
-        if not events:
-            return
-        after = events[-1].position
-        matched = [event for event in events if event_filter.matches(event)]
-        if transform is None:
-            frames = [event.frame for event in matched]
-        else:
-            frames = [f for f in map(transform, matched) if f is not None]
+        page = await asyncio.to_thread(read_page, journal, after, REPLAY_PAGE, upto)
+        notice = b""
+        if page.horizon is not None:
+            notice = await _history_lost(journal, requested or resume_id(after), page)
+        requested = None
+        if page.events:
+            after = page.events[-1].position
+
+        frames, last = _select_frames(page.events, event_filter, transform)
         if limit is not None:
             frames = frames[: limit - sent]
+            last = last[: len(frames)]
         sent += len(frames)
-        if frames:
-            yield frames
-        if len(events) < REPLAY_PAGE:
+        if notice or frames:
+            yield ReplayPage(notice, frames, last[-1] if last else None)
+        if len(page.events) < REPLAY_PAGE:
             return
+
+
+def _select_frames(
+    events: list[envelope.Event],
+    event_filter: EventFilter,
+    transform: Callable[[envelope.Event], bytes | None] | None,
+) -> tuple[list[bytes], list[Position]]:
+    frames: list[bytes] = []
+    positions: list[Position] = []
+    for event in events:
+        if not event_filter.matches(event):
+            continue
+        frame = event.frame if transform is None else transform(event)
+        if frame is not None:
+            frames.append(frame)
+            positions.append(event.position)
+    return frames, positions
+
+
+async def _history_lost(
+    journal: EventJournal, requested: str, page: JournalPage
+) -> bytes:
+    if page.events:
+        oldest: Position | None = page.events[0].position
+    else:
+        oldest = await asyncio.to_thread(journal.first_position)
+    return history_lost_frame(requested, oldest)
 
 
 async def stream_events(
@@ -323,27 +385,8 @@ async def stream_events(
         )
 
         if resume is not None:
-            after, notice = await resolve_start(
-                stream.journal, resume, subscriber.start
-            )
-            if notice:
-                yield notice
-            # Replay up to where the live queue starts; if the queue overflowed
-            # meanwhile, replay again up to the hub's newest event.
-            while True:
-                async for frames in read_range(
-                    stream.journal,
-                    subscriber.filter,
-                    after,
-                    subscriber.start,
-                    transform=subscriber.transform,
-                ):
-                    subscriber.last_event_id = _frame_id(frames[-1])
-                    yield b"".join(frames)
-                if not subscriber.overflowed:
-                    break
-                after = subscriber.start
-                subscriber.rebase(hub.last_position)
+            async for chunk in _replay_to_live(subscriber, stream, resume):
+                yield chunk
 
         while True:
             ready = await subscriber.wait(settings.heartbeat_seconds)
@@ -351,13 +394,7 @@ async def stream_events(
                 yield envelope.heartbeat_frame(datetime.now(UTC))
                 continue
             if subscriber.overflowed:
-                yield envelope.notice_frame(
-                    "slow_client",
-                    "the client fell too far behind and was disconnected; "
-                    "reconnect with Last-Event-ID to continue from the journal",
-                    datetime.now(UTC),
-                    last_event_id=subscriber.last_event_id,
-                )
+                yield _slow_client_frame(subscriber)
                 logger.warning("client %d ended: too far behind", subscriber.id)
                 hub.slow_clients_ended += 1
                 return
@@ -368,10 +405,55 @@ async def stream_events(
         hub.unsubscribe(subscriber)
 
 
-def _frame_id(frame: bytes) -> str | None:
-    if not frame.startswith(b"id: "):
-        return None
-    return frame[4 : frame.index(b"\n")].decode()
+async def _replay_to_live(
+    subscriber: Subscriber, stream: Stream, resume: ResumePoint
+) -> AsyncIterator[bytes]:
+    """Replay the journal from the resume point up to where the live queue starts.
+
+    If the live queue overflowed meanwhile, replay again up to the hub's
+    newest event.
+    """
+    resume_at = await resolve_start(stream.journal, resume, subscriber.start)
+    subscriber.delivered = resume_at
+    # Another process may have sent this client events that this process's
+    # tailer has not published yet.
+    subscriber.skip_through(resume_at)
+
+    after = resume_at
+    requested: str | None = resume.text
+    while True:
+        pages = read_range(
+            stream.journal,
+            subscriber.filter,
+            after,
+            subscriber.start,
+            transform=subscriber.transform,
+            requested=requested,
+        )
+        async for page in pages:
+            if page.last is not None:
+                subscriber.delivered = page.last
+            yield page.notice + b"".join(page.frames)
+        if not subscriber.overflowed:
+            return
+        after = max(resume_at, subscriber.start)
+        requested = None
+        subscriber.rebase(stream.hub.last_position)
+
+
+def _slow_client_frame(subscriber: Subscriber) -> bytes:
+    # The frame carries the resume point as its SSE id, so that a browser
+    # resumes there even when it received no event with an id.
+    assert subscriber.resume_after is not None
+    resume_text = resume_id(subscriber.resume_after)
+    frame = envelope.notice_frame(
+        "slow_client",
+        "the client fell too far behind and was disconnected; "
+        "reconnect with Last-Event-ID to continue from the journal",
+        datetime.now(UTC),
+        last_event_id=resume_text,
+    )
+    return b"id: " + resume_text.encode() + b"\n" + frame
 
 
 async def replay_range(
@@ -384,18 +466,18 @@ async def replay_range(
     view: Callable[[envelope.Event], bytes | None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Write a bounded range of journal events as SSE or NDJSON."""
-    after, notice = await resolve_start(
-        stream.journal, resume, stream.hub.last_position
+    after = await resolve_start(stream.journal, resume, stream.hub.last_position)
+    pages = read_range(
+        stream.journal, event_filter, after, upto, limit, view, requested=resume.text
     )
-    if notice:
-        yield notice if output == "sse" else sse.frame_data(notice) + b"\n"
-    async for frames in read_range(
-        stream.journal, event_filter, after, upto, limit, view
-    ):
+    async for page in pages:
         if output == "sse":
-            yield b"".join(frames)
-        else:
-            yield b"".join(sse.frame_data(frame) + b"\n" for frame in frames)
+            yield page.notice + b"".join(page.frames)
+            continue
+        lines = [sse.frame_data(frame) + b"\n" for frame in page.frames]
+        if page.notice:
+            lines.insert(0, sse.frame_data(page.notice) + b"\n")
+        yield b"".join(lines)
 
 
 app = create_app()

@@ -13,10 +13,13 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from . import envelope
 from .envelope import Event
 from .journals import EventJournal
 from .positions import Position
+from .resume import resume_id
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,81 @@ OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE", "TRUNCATE"})
 BLOCK_SECONDS = 1.0
 # Seconds between reads while the journal fails.
 RETRY_SECONDS = 1.0
+# The position before every event: where an empty journal's stream starts.
+START = Position(0, -1)
+# Operation of journal entries that every subscriber receives whatever its
+# filter, because their channel is empty.
+HISTORY_LOST = "HISTORY_LOST"
+
+
+@dataclass(frozen=True)
+class JournalPage:
+    """Events read after a position, and the horizon if history was lost there.
+
+    `horizon` is set when events after the requested position were pruned or
+    came before the journal attached to the slot. `events` then start after
+    the horizon.
+    """
+
+    events: list[Event]
+    horizon: Position | None
+
+
+def read_page(
+    journal: EventJournal, after: Position, limit: int, upto: Position | None = None
+) -> JournalPage:
+    """Read up to `limit` events after `after`, telling whether history was lost.
+
+    Pruning deletes events and raises the horizon in one transaction, so an
+    unchanged horizon before and after the read means the events read and
+    the horizon agree. Blocks, so call it from a worker thread.
+    """
+    while True:
+        horizon = journal.horizon()
+        lost = horizon is not None and after < horizon[0]
+        start = horizon[0] if lost and horizon is not None else after
+        events = journal.read_after(start, limit, upto)
+        if journal.horizon() == horizon:
+            return JournalPage(events, start if lost else None)
+
+
+def position_for_time(journal: EventJournal, moment: float) -> Position | None:
+    """Return the position after which events committed at `moment` or later come.
+
+    When events committed at `moment` may have been pruned, the result is
+    `START`, before the horizon, so `read_page` reports the loss. None means
+    no event is that recent. Blocks, so call it from a worker thread.
+    """
+    while True:
+        horizon = journal.horizon()
+        # The horizon's own event was committed at its time and is gone, so a
+        # resume from exactly that time has lost history too.
+        if horizon is not None and moment <= horizon[1]:
+            return START
+        found = journal.position_before_time(moment)
+        if journal.horizon() == horizon:
+            return found
+
+
+def history_lost_frame(
+    requested: str, oldest: Position | None, event_id: str | None = None
+) -> bytes:
+    """Frame the notice that history after `requested` is no longer held.
+
+    With `event_id`, the frame carries it as its SSE id, so a browser that
+    reconnects resumes after the lost range instead of receiving the notice again.
+    """
+    frame = envelope.notice_frame(
+        "history_lost",
+        f"history from {requested} is no longer held; events continue from the "
+        "oldest one held, so reload your state",
+        datetime.now(UTC),
+        requested=requested,
+        oldest_id=None if oldest is None else oldest.event_id,
+    )
+    if event_id is None:
+        return frame
+    return b"id: " + event_id.encode() + b"\n" + frame
 
 
 @dataclass(frozen=True)
@@ -73,16 +151,24 @@ class Subscriber:
         self.filter = event_filter
         self.max_pending = max_pending
         self.overflowed = False
-        self.last_event_id: str | None = None
-        self._pending_id: str | None = None
+        # Position of the last event handed to the client, or of its resume
+        # point. None until either exists.
+        self.delivered: Position | None = None
+        # Where the client must resume after an overflow ended its stream.
+        self.resume_after: Position | None = None
+        self._floor: Position | None = None
         self._frames: deque[bytes] = deque()
+        self._positions: deque[Position] = deque()
         self._wakeup = asyncio.Event()
 
     def offer(self, events: Iterable[Event]) -> None:
         if self.overflowed:
             return
         transform = self.transform
+        floor = self._floor
         for event in events:
+            if floor is not None and event.position <= floor:
+                continue
             if self.filter.matches(event):
                 frame = event.frame if transform is None else transform(event)
                 if frame is None:
@@ -90,14 +176,35 @@ class Subscriber:
                 if not self._frames:
                     self._pending_commit_time = event.commit_time
                 self._frames.append(frame)
-                self._pending_id = event.position.event_id
+                self._positions.append(event.position)
         if len(self._frames) > self.max_pending:
             # Past the bound, the client is ended with a notice and catches up
             # on reconnect; its queued frames are dropped to free the memory.
             self.overflowed = True
+            self.resume_after = self._resume_point()
             self._frames.clear()
+            self._positions.clear()
         if self._frames or self.overflowed:
             self._wakeup.set()
+
+    def skip_through(self, position: Position) -> None:
+        """Drop live events at or before `position`, which the client has.
+
+        A client that resumes on a process whose tailer is behind the one it
+        came from would otherwise receive those events twice.
+        """
+        self._floor = position
+        while self._positions and self._positions[0] <= position:
+            self._positions.popleft()
+            self._frames.popleft()
+
+    def _resume_point(self) -> Position:
+        if self.delivered is not None:
+            return self.delivered
+        # Nothing was sent yet, so the client resumes just before the first
+        # pending event.
+        first = self._positions[0]
+        return Position(first.commit_lsn, first.index - 1)
 
     async def wait(self, timeout: float) -> bool:
         """Wait until frames are pending; return False on timeout."""
@@ -113,7 +220,9 @@ class Subscriber:
     def rebase(self, start: Position) -> None:
         """Drop pending frames and receive live events after `start` again."""
         self._frames.clear()
+        self._positions.clear()
         self.overflowed = False
+        self.resume_after = None
         self.start = start
 
     def drain(self) -> bytes:
@@ -121,8 +230,9 @@ class Subscriber:
         if not self._frames:
             return b""
         chunk = b"".join(self._frames)
+        self.delivered = self._positions[-1]
         self._frames.clear()
-        self.last_event_id = self._pending_id
+        self._positions.clear()
         if self._on_send is not None:
             self._on_send(self._pending_commit_time)
         return chunk
@@ -227,12 +337,39 @@ class JournalTailer:
     async def _read(self) -> list[Event]:
         after = self._hub.last_position
         if self._read_blocking is None:
-            return await asyncio.to_thread(
+            events = await asyncio.to_thread(
                 self._journal.read_after, after, self._batch_size
             )
-        return await asyncio.to_thread(
-            self._read_blocking, after, self._batch_size, BLOCK_SECONDS
+        else:
+            events = await asyncio.to_thread(
+                self._read_blocking, after, self._batch_size, BLOCK_SECONDS
+            )
+        if not events or after == START:
+            return events
+
+        horizon = await asyncio.to_thread(self._journal.horizon)
+        if horizon is None or horizon[0] <= after:
+            return events
+        return await self._read_past_horizon(after)
+
+    async def _read_past_horizon(self, after: Position) -> list[Event]:
+        # Retention pruned events this process had not published yet, so its
+        # subscribers get a notice before the events after the horizon.
+        page = await asyncio.to_thread(
+            read_page, self._journal, after, self._batch_size
         )
+        if page.horizon is None:
+            return page.events
+
+        oldest = page.events[0].position if page.events else None
+        frame = history_lost_frame(resume_id(after), oldest, resume_id(page.horizon))
+        notice = Event(page.horizon, "", "", "", HISTORY_LOST, frame, 0.0)
+        logger.error(
+            "history lost: events after %s were pruned before this process "
+            "published them",
+            resume_id(after),
+        )
+        return [notice, *page.events]
 
     def _read_failed(self, error: OSError) -> None:
         # Logged once per outage, and the recovery message gives the count.

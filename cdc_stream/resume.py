@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .errors import InvalidPositionError
-from .positions import Position, parse_event_id, parse_lsn
+from .positions import Position, format_lsn, parse_event_id, parse_lsn
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
@@ -40,3 +40,14 @@ def parse_resume_point(text: str) -> ResumePoint:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return ResumePoint(text, moment=moment.timestamp())
+
+
+def resume_id(position: Position) -> str:
+    """Return the resume point that continues with the first event after `position`.
+
+    That is the event id of an event's position, and the LSN for the position
+    just before a transaction's first event, whose index is -1.
+    """
+    if position.index < 0:
+        return format_lsn(position.commit_lsn)
+    return position.event_id

@@ -1,7 +1,8 @@
-"""Unit tests of the SQLite journal, on a temporary file."""
+"""Unit tests of the SQLite journal and the reads built on it, on a temporary file."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -10,10 +11,16 @@ import pytest
 
 from cdc_stream import sse
 from cdc_stream.envelope import Event
+from cdc_stream.hub import (
+    START,
+    EventFilter,
+    Hub,
+    JournalTailer,
+    position_for_time,
+    read_page,
+)
 from cdc_stream.journal import Journal
 from cdc_stream.positions import Position
-
-START = Position(0, -1)
 
 # An LSN above 2^63, where SQLite's signed integers would wrap without the
 # offset the journal applies.
@@ -203,3 +210,88 @@ def test_locked_journal_raises_os_error(tmp_path):
     journal.append([event(0x200, 0)])
 
     assert journal.last_position() == Position(0x200, 0)
+
+
+def test_read_page_reports_pruned_history(journal):
+    journal.append([event(0x100 * (n + 1), 0, 1000.0 + n) for n in range(6)])
+    journal.prune(max_events=3, max_age_seconds=NO_AGE_LIMIT)
+
+    lost = read_page(journal, Position(0x100, 0), 10)
+    held = read_page(journal, Position(0x300, 0), 10)
+    bounded = read_page(journal, START, 10, Position(0x200, 0))
+
+    assert lost.horizon == Position(0x300, 0)
+    assert positions(lost.events) == [(0x400, 0), (0x500, 0), (0x600, 0)]
+    assert held.horizon is None
+    assert positions(held.events) == [(0x400, 0), (0x500, 0), (0x600, 0)]
+    assert bounded.horizon == Position(0x300, 0)
+    assert bounded.events == []
+
+
+class PruneDuringRead(Journal):
+    """A journal whose first read_after runs after a concurrent prune committed."""
+
+    pruned = False
+
+    def read_after(self, after, limit, upto=None):
+        if not self.pruned:
+            self.pruned = True
+            self.prune(max_events=2, max_age_seconds=NO_AGE_LIMIT)
+        return super().read_after(after, limit, upto)
+
+
+def test_read_page_sees_prune_between_reads(tmp_path):
+    journal = PruneDuringRead(tmp_path / "racing.sqlite3")
+    journal.append([event(0x100 * (n + 1), 0, 1000.0 + n) for n in range(5)])
+
+    page = read_page(journal, Position(0x100, 0), 10)
+
+    assert page.horizon == Position(0x300, 0)
+    assert positions(page.events) == [(0x400, 0), (0x500, 0)]
+
+
+def test_position_for_time_at_horizon(journal):
+    journal.append([event(0x100, i, 10.0) for i in range(4)])
+    journal.append([event(0x200, 0, 20.0)])
+    journal.prune(max_events=3, max_age_seconds=NO_AGE_LIMIT)
+
+    assert journal.horizon() == (Position(0x100, 1), 10.0)
+    assert position_for_time(journal, 9.0) == START
+    assert position_for_time(journal, 10.0) == START
+    assert position_for_time(journal, 15.0) == Position(0x200, -1)
+    assert position_for_time(journal, 25.0) is None
+    assert read_page(journal, START, 10).horizon == Position(0x100, 1)
+
+
+def test_position_for_time_without_horizon(journal):
+    journal.append([event(0x100, 0, 10.0)])
+
+    assert position_for_time(journal, 1.0) == Position(0x100, -1)
+
+
+async def test_tailer_tells_subscribers_of_pruned_events(journal):
+    journal.append([event(0x100, 0, 1000.0)])
+    hub = Hub(Position(0x100, 0))
+    subscriber = hub.subscribe(EventFilter(tables=frozenset({"other"})), 100)
+    journal.append([event(0x100 * (n + 2), 0, 1000.0 + n) for n in range(5)])
+    journal.prune(max_events=2, max_age_seconds=NO_AGE_LIMIT)
+    tailer = JournalTailer(journal, hub, poll_seconds=0.05)
+
+    task = asyncio.create_task(tailer.run())
+    try:
+        assert await subscriber.wait(5.0)
+        chunk = subscriber.drain()
+    finally:
+        task.cancel()
+
+    (notice,) = sse_frames(chunk)
+    assert notice.startswith(b"id: 0/400:0\ndata: ")
+    assert b'"type":"history_lost"' in notice
+    assert b'"requested":"0/100:0"' in notice
+    assert b'"oldest_id":"0/500:0"' in notice
+    assert hub.last_position == Position(0x600, 0)
+    assert subscriber.delivered == Position(0x400, 0)
+
+
+def sse_frames(chunk: bytes) -> list[bytes]:
+    return [frame + b"\n\n" for frame in chunk.split(b"\n\n") if frame]
