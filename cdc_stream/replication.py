@@ -217,7 +217,10 @@ class ReplicationReader:
         )
 
     def _connect_and_stream(self) -> None:
-        self.status.state = "connecting"
+        # A standby keeps its state while it checks the slot again, so that
+        # /healthz does not flap and the standby message is logged once.
+        if self.status.state != "standby":
+            self.status.state = "connecting"
         settings = self._settings
 
         check_conn = psycopg2.connect(
