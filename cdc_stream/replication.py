@@ -337,10 +337,11 @@ class ReplicationReader:
             "id": position.event_id,
         }
         frame = sse.frame(orjson.dumps(event), position.event_id)
+        # The horizon stays where it is, so a client resuming from before
+        # this event replays the events still held, then this event.
         self._journal.append(
             [Event(position, "", "", "", HISTORY_LOST, frame, time.time())]
         )
-        self._journal.raise_horizon(position, time.time())
         self._on_appended()
         logger.error(
             "history lost: slot %s recreated at %s",
