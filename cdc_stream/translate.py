@@ -41,7 +41,7 @@ from .envelope import (
     transaction_event,
 )
 from .errors import DecodeError
-from .positions import Position, format_lsn
+from .positions import Position, format_lsn, parse_lsn
 from .values import ConvertedRow, RowConverter, StaleCatalogError
 
 logger = logging.getLogger(__name__)
@@ -367,7 +367,8 @@ class Translator:
         message_lsn: int | None = None
         action: str | None = None
         if change is not None:
-            schema, table, message_lsn = change.schema, change.table, change.lsn
+            schema, table = change.schema, change.table
+            message_lsn = _lsn_or_none(change.lsn_text)
         elif payload is not None:
             facts = line_facts(payload)
             schema, table, message_lsn = facts.schema, facts.table, facts.lsn
@@ -422,6 +423,13 @@ class Translator:
 
 
 _OPERATIONS = {"I": "INSERT", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
+
+
+def _lsn_or_none(text: str) -> int | None:
+    try:
+        return parse_lsn(text)
+    except ValueError:
+        return None
 
 
 def _merge(new: ConvertedRow | None, old: ConvertedRow | None) -> list[str] | None:

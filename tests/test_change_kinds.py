@@ -786,6 +786,15 @@ def test_change_outside_transaction_is_error_event():
     assert error["id"] == "0/3F:0"
 
 
+def test_change_with_invalid_lsn_is_error_event():
+    translator = Translator(SETTINGS)
+
+    error = event_of(translator, insert("t", "not-an-lsn", [INT_COLUMN]))
+
+    assert error["type"] == "decode_error"
+    assert error["id"] == "0/0:0"
+
+
 def test_message_positions_between_transactions():
     settings = Settings(database_url="postgresql://unused", message_prefixes=("*",))
     translator = Translator(settings)
