@@ -35,6 +35,7 @@ from cdc_stream.catalog import (
 )
 from cdc_stream.checks import check_database, find_replica_identity_issues
 from cdc_stream.config import Settings
+from cdc_stream.errors import ConfigError
 from cdc_stream.journal import Journal
 from cdc_stream.positions import Position, parse_event_id, parse_lsn
 from cdc_stream.replication import ReplicationReader
@@ -972,6 +973,67 @@ def test_nan_reported_as_ambiguous_null():
 
     assert event["data"]["price"] is None
     assert event["ambiguous_nulls"] == ["price", "ratio"]
+
+
+# --- Settings of change kinds ----------------------------------------------------
+
+
+def test_change_kind_settings_from_toml(tmp_path):
+    path = tmp_path / "cdc.toml"
+    path.write_text(
+        '[messages]\nprefixes = ["audit", "app.*"]\n'
+        "[types]\nnumeric_as_string = true\n"
+        "[stream]\ntransaction_events = true\n"
+    )
+
+    settings = Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "x"})
+
+    assert settings.message_prefixes == ("audit", "app.*")
+    assert settings.numeric_as_string is True
+    assert settings.transaction_events is True
+    assert settings.streams_message("app.login")
+    assert not settings.streams_message("other")
+
+
+def test_change_kind_settings_from_environment():
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "x",
+            "CDC_MESSAGE_PREFIXES": "audit, app",
+            "CDC_NUMERIC_AS_STRING": "1",
+            "CDC_TRANSACTION_EVENTS": "false",
+        }
+    )
+
+    assert settings.message_prefixes == ("audit", "app")
+    assert settings.numeric_as_string is True
+    assert settings.transaction_events is False
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[messages]\nprefixes = "audit"\n', "messages.prefixes"),
+        ('[types]\nnumeric_as_string = "yes"\n', "types.numeric_as_string"),
+        ("[stream]\ntransaction_events = 1\n", "stream.transaction_events"),
+        ("[types]\nnumerics = true\n", "types.numerics"),
+    ],
+)
+def test_invalid_change_kind_settings_name_key(tmp_path, toml, key):
+    path = tmp_path / "cdc.toml"
+    path.write_text(toml)
+
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "x"})
+
+    assert key in str(raised.value)
+
+
+def test_invalid_boolean_environment_names_key():
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DATABASE_URL": "x", "CDC_TRANSACTION_EVENTS": "maybe"})
+
+    assert "CDC_TRANSACTION_EVENTS" in str(raised.value)
 
 
 # --- Memory with a transaction of a million rows ----------------------------------
