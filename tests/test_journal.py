@@ -217,13 +217,13 @@ def test_read_page_reports_pruned_history(journal):
     journal.prune(max_events=3, max_age_seconds=NO_AGE_LIMIT)
 
     lost = read_page(journal, Position(0x100, 0), 10)
-    held = read_page(journal, Position(0x300, 0), 10)
+    kept = read_page(journal, Position(0x300, 0), 10)
     bounded = read_page(journal, START, 10, Position(0x200, 0))
 
     assert lost.horizon == Position(0x300, 0)
     assert positions(lost.events) == [(0x400, 0), (0x500, 0), (0x600, 0)]
-    assert held.horizon is None
-    assert positions(held.events) == [(0x400, 0), (0x500, 0), (0x600, 0)]
+    assert kept.horizon is None
+    assert positions(kept.events) == [(0x400, 0), (0x500, 0), (0x600, 0)]
     assert bounded.horizon == Position(0x300, 0)
     assert bounded.events == []
 
