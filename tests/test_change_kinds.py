@@ -975,6 +975,66 @@ def test_nan_reported_as_ambiguous_null():
     assert event["ambiguous_nulls"] == ["price", "ratio"]
 
 
+# --- Through the app ---------------------------------------------------------------
+
+
+def sse_events(client: Any, count: int) -> list[dict[str, Any]]:
+    """Return the next `count` events other than connection and heartbeat."""
+    events: list[dict[str, Any]] = []
+    while len(events) < count:
+        event = parse_json(client.next_event(20).data)
+        if event["type"] not in ("connection", "heartbeat"):
+            events.append(event)
+    return events
+
+
+def test_app_streams_messages_and_boundaries(
+    app_server, sse_stream, database, tmp_path
+):
+    execute(database, "CREATE TABLE orders (id int PRIMARY KEY)")
+    suffix = uuid.uuid4().hex[:10]
+    server = app_server(
+        {
+            "DATABASE_URL": database,
+            "CDC_SLOT_NAME": f"app_{suffix}",
+            "CDC_JOURNAL_PATH": str(tmp_path / f"journal-{suffix}.sqlite3"),
+            "CDC_MESSAGE_PREFIXES": "audit",
+            "CDC_TRANSACTION_EVENTS": "true",
+        }
+    )
+    server.wait_until_healthy()
+    by_table = sse_stream(server.url("/api/realtime?channels=orders_changes"))
+    by_prefix = sse_stream(server.url("/api/realtime?channels=audit"))
+    deadline = time.monotonic() + 30
+    while True:
+        state = httpx.get(server.url("/healthz"), timeout=5, trust_env=False).json()
+        if state["replication"]["state"] == "streaming":
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+
+    execute(
+        database,
+        "INSERT INTO orders VALUES (1)",
+        "SELECT pg_logical_emit_message(true, 'audit', 'order 1 placed')",
+    )
+    table_events = sse_events(by_table, 3)
+    prefix_events = sse_events(by_prefix, 3)
+
+    assert [(e["type"], e.get("operation")) for e in table_events] == [
+        ("transaction", "BEGIN"),
+        ("database_change", "INSERT"),
+        ("transaction", "COMMIT"),
+    ]
+    assert [(e["type"], e.get("operation")) for e in prefix_events] == [
+        ("transaction", "BEGIN"),
+        ("logical_message", None),
+        ("transaction", "COMMIT"),
+    ]
+    assert prefix_events[1]["content"] == "order 1 placed"
+    assert prefix_events[1]["id"].endswith(":2")
+
+
 # --- Settings of change kinds ----------------------------------------------------
 
 
