@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(line)
             for name in names:
                 print(flush=True)
+                lines.append("")
                 report = run_one(ws, name, lines)
                 if report is None:
                     failed.append(name)
