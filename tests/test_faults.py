@@ -26,6 +26,7 @@ from streaming import (
     insert_burst,
     kill_process_tree,
     parse_json,
+    position_key,
     private_cluster,
     query,
     rss_bytes,
@@ -304,3 +305,74 @@ def test_slot_recreated_tells_every_client(app_server, burst_db, sse_stream, tmp
     assert resuming.notices == [lost]
     assert_delivered_once_in_order(resuming.changes, rows[100:])
     assert not server.is_running() or health(server)["role"] == "leader"
+
+
+def invalidate_slot(dsn: str, slot_name: str) -> None:
+    """Make PostgreSQL invalidate the inactive slot by removing the WAL it needs."""
+
+    def lost() -> bool:
+        execute(dsn, "INSERT INTO burst (batch, seq, note) VALUES (-1, 0, 'wal')")
+        query(dsn, "SELECT pg_switch_wal()")
+        execute(dsn, "CHECKPOINT")
+        ((status,),) = query(
+            dsn,
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
+            (slot_name,),
+        )
+        return status == "lost"
+
+    wait_until(lost, 30, f"slot {slot_name} to be invalidated")
+
+
+def test_slot_invalidated_then_recreated(app_server, sse_stream, tmp_path):
+    with private_cluster() as cluster:
+        cluster.create_database("app")
+        dsn = cluster.dsn("app")
+        execute(dsn, BURST_DDL)
+        with (cluster.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("max_slot_wal_keep_size = '1MB'\n")
+        query(dsn, "SELECT pg_reload_conf()")
+        wait_until(
+            lambda: query(dsn, "SHOW max_slot_wal_keep_size") == [("1MB",)],
+            10,
+            "the configuration to be reloaded",
+        )
+        env = app_environment(dsn, tmp_path)
+        first = app_server(env)
+        wait_streaming(first)
+        client = ResumingClient(sse_stream)
+        client.connect(first.base_url)
+        insert_burst(dsn, 1, 100)
+        client.read_rows(100)
+        first.stop()
+        invalidate_slot(dsn, env["CDC_SLOT_NAME"])
+
+        without_recreate = app_server(env)
+        wait_until(
+            lambda: (
+                "invalidated"
+                in (health(without_recreate)["replication"]["last_error"] or "")
+            ),
+            20,
+            "the invalidated slot to be reported",
+        )
+        error = health(without_recreate)["replication"]["last_error"]
+        without_recreate.stop()
+        config = write_config(tmp_path, "[slot]\nrecreate = true\n")
+        recreated = app_server({**env, "CDC_CONFIG": config})
+        wait_streaming(recreated)
+        client.connect(recreated.base_url)
+        client.read_until(lambda c: c.notices != [], 10)
+        insert_burst(dsn, 1, 100, first_batch=1)
+        client.read_rows(200)
+        rows = burst_rows(dsn)
+
+    assert env["CDC_SLOT_NAME"] in error
+    assert "recreate = true" in error
+    (notice,) = client.notices
+    assert notice["type"] == "history_lost"
+    assert position_key(client.changes[99][0]) < position_key(notice["id"])
+    assert position_key(notice["id"]) < position_key(client.changes[100][0])
+    assert_delivered_once_in_order(
+        client.changes, [row for row in rows if row["batch"] != -1]
+    )
