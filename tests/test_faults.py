@@ -239,7 +239,9 @@ def test_slow_client_ended_fast_one_not(app_server, burst_db, sse_stream, tmp_pa
     assert notice_id == notice["last_event_id"]
     assert resumed.notices == []
     assert_delivered_once_in_order(slow_changes + resumed.changes, rows)
-    assert memory_growth < frame_bytes // 2
+    # Queued for the stalled client, the burst's frames would take more than
+    # frame_bytes (12 MB). Two runs on a 2-core machine grew by 3.7 and 4.8 MB.
+    assert memory_growth < frame_bytes * 3 // 4
 
 
 def test_slot_dropped_journal_still_served(app_server, burst_db, sse_stream, tmp_path):
