@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from streaming import app_environment, execute, health, query, wait_streaming
-from webtools import create_tables, get, module_app, write_config
+from webtools import create_tables, get, module_app, start_app, token_hash, write_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
@@ -211,3 +211,28 @@ def test_dashboard_pause_and_replay(served, page):
 
     assert paused_rows == 1
     assert market_cells(page) == ["PAUSE-2", "PAUSE-1"]
+
+
+def test_dashboard_token_flow(app_server, database, tmp_path, page):
+    create_tables(database)
+    token = "dashboard-token-0123456789abcdef"
+    config = (
+        FAST_RETRY + f'[auth]\nmode = "required"\n[[auth.tokens]]\nname = "dash"\n'
+        f'hash = "{token_hash(token)}"\nchannels = ["orders_changes"]\n'
+    )
+    server = start_app(app_server, database, tmp_path, config)
+
+    page.goto(server.url("/"))
+    expect(page.locator("#message")).to_contain_text("401:", timeout=15_000)
+    page.wait_for_timeout(2000)
+    rejected = [url for url in page.requested if "/api/realtime" in url]
+    # A new query string makes this a full load, not a same-page hash change.
+    page.goto(server.url("/?with-token#access_token=" + token))
+    expect(page.locator("#state")).to_have_text("live", timeout=15_000)
+    insert_orders(database, "WITH-TOKEN")
+    expect(page.locator("#events tbody tr")).to_have_count(1, timeout=15_000)
+
+    assert len(rejected) <= 2
+    assert "access_token" not in page.url
+    assert page.locator("#channel-list input").count() == 1
+    assert token not in server.output()

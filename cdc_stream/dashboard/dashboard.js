@@ -154,8 +154,13 @@ function connect(from) {
       return;
     }
     setState("disconnected");
-    explainFailure(url);
-    scheduleReconnect();
+    explainFailure(url).then((status) => {
+      // A rejected request (400, 401, 403) fails the same way until the user
+      // changes the filters or the token, so only other failures retry.
+      if (source === state.source && !(status >= 400 && status < 500)) {
+        scheduleReconnect();
+      }
+    });
   };
 }
 
@@ -178,7 +183,8 @@ function scheduleReconnect() {
 }
 
 // EventSource hides the body of an error response, so fetch it again to show
-// the server's message (401, 403 or 400, as JSON).
+// the server's message (401, 403 or 400, as JSON). Returns the HTTP status,
+// or 0 when the server is unreachable.
 async function explainFailure(url) {
   const controller = new AbortController();
   try {
@@ -192,8 +198,10 @@ async function explainFailure(url) {
       const body = await response.json();
       setMessage(`${response.status}: ${body.message}`);
     }
+    return response.status;
   } catch (error) {
     setMessage("server unreachable; reconnecting");
+    return 0;
   } finally {
     controller.abort();
   }
