@@ -85,7 +85,7 @@ def secured(pg_cluster, tmp_path_factory):
             "--access-logfile",
             "-",
             "--access-logformat",
-            '%(R)s %(s)s q=[%(q)s] ref=[%(f)s] auth=[%({authorization}i)s] '
+            "%(R)s %(s)s q=[%(q)s] ref=[%(f)s] auth=[%({authorization}i)s] "
             "cookie=[%({cookie}i)s]",
         ),
     ) as (server, dsn):
