@@ -7,6 +7,9 @@ import decimal
 import httpx
 import pytest
 
+from cdc_stream.envelope import Event
+from cdc_stream.hub import EventFilter, Hub
+from cdc_stream.positions import Position
 from cdc_stream.rowfilter import (
     FilterError,
     compile_filters,
@@ -14,7 +17,7 @@ from cdc_stream.rowfilter import (
     parse_filters,
 )
 from cdc_stream.table_columns import Column, Table
-from cdc_stream.transform import dumps_exact, parse_exact
+from cdc_stream.transform import ParsedEvents, View, dumps_exact, parse_exact
 from streaming import change_events, execute, parse_json, query, wait_until
 from webtools import create_tables, get, module_app
 
@@ -387,3 +390,25 @@ def test_exact_json_round_trip():
     text = '{"a":1.500,"b":123456789012345678901234567890,"c":[1e400,-0.0],"d":"x"}'
 
     assert dumps_exact(parse_exact(text)).decode() == text
+
+
+def test_views_leave_shared_frames_alone():
+    frame = (
+        b'id: 0/10:0\ndata: {"type":"database_change","channel":"c",'
+        b'"operation":"INSERT","table":"t","data":{"id":1,"secret":2.50}}\n\n'
+    )
+    event = Event(Position(16, 0), "public", "t", "c", "INSERT", frame, 1.0)
+    hub = Hub(Position(0, -1))
+    plain = hub.subscribe(EventFilter(), 10)
+    other_channel = hub.subscribe(
+        EventFilter(), 10, View(ParsedEvents(), hidden={"d": frozenset({"secret"})})
+    )
+    masked = hub.subscribe(
+        EventFilter(), 10, View(ParsedEvents(), hidden={"c": frozenset({"secret"})})
+    )
+
+    hub.publish([event])
+
+    assert plain.drain() is frame
+    assert other_channel.drain() is frame
+    assert masked.drain() == frame.replace(b',"secret":2.50', b"")
