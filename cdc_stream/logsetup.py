@@ -97,9 +97,9 @@ def configure(log_format: str) -> None:
     )
     for name in _HANDLED_LOGGERS:
         for handler in logging.getLogger(name).handlers:
-            if name != "cdc_stream" and log_format != "json":
-                continue
-            handler.setFormatter(formatter)
+            # Hypercorn's own text format is kept unless JSON is asked for.
+            if name == "cdc_stream" or log_format == "json":
+                handler.setFormatter(formatter)
             if name != "hypercorn.access" and not _has_limiter(handler):
                 handler.addFilter(RepeatLimiter())
 
