@@ -23,7 +23,7 @@ from .resume import resume_id
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE", "TRUNCATE"})
+OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE", "TRUNCATE", "MESSAGE"})
 # A blocking read of the journal returns empty after this many seconds, which
 # bounds how long a stopped tailer keeps a worker thread.
 BLOCK_SECONDS = 1.0

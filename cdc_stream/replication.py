@@ -34,7 +34,7 @@ from .catalog import connect_and_load, load_catalog
 from .checks import log_replica_identity_issues
 from .config import Settings
 from .envelope import Event, format_timestamp
-from .errors import DecodeError, SetupError, SlotInUseError
+from .errors import SetupError, SlotInUseError
 from .journal import Journal
 from .positions import Position, format_lsn, parse_lsn
 from .translate import Translator
@@ -52,6 +52,7 @@ SESSION_OPTIONS = " ".join(
         ("extra_float_digits", "1"),
         ("bytea_output", "hex"),
         ("search_path", "pg_catalog"),
+        ("lc_monetary", "C"),
     )
 )
 
@@ -223,8 +224,13 @@ class ReplicationReader:
             self.status.state = "connecting"
         settings = self._settings
 
+        # The checks cast to pg_catalog types by name, so a search_path that
+        # puts a schema with a type named like a built-in first must not apply.
         check_conn = psycopg2.connect(
-            settings.database_url, connect_timeout=10, application_name="cdc-stream"
+            settings.database_url,
+            connect_timeout=10,
+            application_name="cdc-stream",
+            options="-c search_path=pg_catalog",
         )
         try:
             slot_checks.check_server(check_conn)
@@ -363,15 +369,13 @@ class ReplicationReader:
                     self._confirm(cur, pending_confirm)
                     pending_confirm = None
                 self.status.server_wal_end = cur.wal_end
+                self.status.decode_errors = self._translator.decode_errors
                 self._maybe_prune()
                 select.select([cur], [], [], POLL_SECONDS)
                 continue
 
-            try:
-                output = self._translator.feed(message.payload)
-            except DecodeError as error:
-                self._decode_failed(message.data_start, error)
-                continue
+            # A message that cannot be decoded becomes an error event.
+            output = self._translator.feed(message.payload)
 
             if output.event is not None:
                 batch.append(output.event)
@@ -409,12 +413,6 @@ class ReplicationReader:
     def _confirm(self, cur: psycopg2.extras.ReplicationCursor, lsn: int) -> None:
         cur.send_feedback(flush_lsn=lsn)
         self.status.confirmed_lsn = lsn
-
-    def _decode_failed(self, lsn: int, error: DecodeError) -> None:
-        # NOTE: the message is skipped; its contents are not logged because
-        # they hold row data.
-        self.status.decode_errors += 1
-        logger.error("cannot decode wal2json message at %s: %s", format_lsn(lsn), error)
 
 
 def _is_plugin_error(message: str) -> bool:
