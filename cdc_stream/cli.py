@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_journal, tail
+from . import cli_check, cli_journal, tail
 from .demo import DemoOptions, run_demo
 from .errors import CdcStreamError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
     cli_journal.add_commands(commands)
+    cli_check.add_command(commands)
     tail.add_command(commands)
     return parser
 

@@ -47,39 +47,58 @@ def describe_target(dsn: str) -> str:
 def check_server(conn: psycopg2.extensions.connection) -> None:
     """Check wal_level, the plugin allow-list and the role's REPLICATION right."""
     with conn.cursor() as cur:
-        cur.execute("SELECT current_setting('wal_level')")
-        (wal_level,) = cur.fetchone()
-        if wal_level != "logical":
-            raise SetupError(
-                f"wal_level is {wal_level!r} but logical decoding needs 'logical': "
-                "run ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL"
-            )
+        check_wal_level(cur)
+        check_plugin_allowed(cur)
+        check_replication_role(cur)
 
-        # Some PostgreSQL builds allow only the output plugins listed in this
-        # setting; it is a plain string, so it is matched item by item.
-        cur.execute(
-            "SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'"
-        )
-        row = cur.fetchone()
-        if row is not None:
-            allowed = [item.strip() for item in row[0].split(",")]
-            if PLUGIN not in allowed:
-                raise SetupError(
-                    f"output_plugin_libraries is {row[0]!r} and does not allow "
-                    f"{PLUGIN}: add the line output_plugin_libraries = "
-                    f"'{row[0]}, {PLUGIN}' to postgresql.conf, then reload"
-                )
 
-        cur.execute(
-            "SELECT rolname, rolreplication OR rolsuper FROM pg_roles "
-            "WHERE rolname = current_user"
+def check_wal_level(cur: psycopg2.extensions.cursor) -> str:
+    """Return wal_level; raise `SetupError` unless it is logical."""
+    cur.execute("SELECT current_setting('wal_level')")
+    (wal_level,) = cur.fetchone()
+    if wal_level != "logical":
+        raise SetupError(
+            f"wal_level is {wal_level!r} but logical decoding needs 'logical': "
+            "run ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL"
         )
-        role, can_replicate = cur.fetchone()
-        if not can_replicate:
-            raise SetupError(
-                f"role {role!r} lacks the REPLICATION attribute: "
-                f"run ALTER ROLE {quote_identifier(role)} WITH REPLICATION"
-            )
+    return wal_level
+
+
+def check_plugin_allowed(cur: psycopg2.extensions.cursor) -> str | None:
+    """Return output_plugin_libraries, or None on builds without it.
+
+    Some PostgreSQL builds allow only the output plugins listed in this
+    setting. It is a plain string, so it is matched item by item.
+    """
+    cur.execute(
+        "SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'"
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    allowed = [item.strip() for item in row[0].split(",")]
+    if PLUGIN not in allowed:
+        raise SetupError(
+            f"output_plugin_libraries is {row[0]!r} and does not allow "
+            f"{PLUGIN}: add the line output_plugin_libraries = "
+            f"'{row[0]}, {PLUGIN}' to postgresql.conf, then reload"
+        )
+    return row[0]
+
+
+def check_replication_role(cur: psycopg2.extensions.cursor) -> str:
+    """Return the connected role; raise `SetupError` unless it may replicate."""
+    cur.execute(
+        "SELECT rolname, rolreplication OR rolsuper FROM pg_roles "
+        "WHERE rolname = current_user"
+    )
+    role, can_replicate = cur.fetchone()
+    if not can_replicate:
+        raise SetupError(
+            f"role {role!r} lacks the REPLICATION attribute: "
+            f"run ALTER ROLE {quote_identifier(role)} WITH REPLICATION"
+        )
+    return role
 
 
 def find_slot(conn: psycopg2.extensions.connection, name: str) -> SlotInfo | None:
