@@ -19,6 +19,7 @@ from .envelope import Event
 from .errors import CdcStreamError, ConfigError, InvalidPositionError
 from .hub import EventFilter
 from .journal import Journal
+from .journals import EventJournal, open_journal
 from .positions import Position, format_lsn
 from .resume import parse_resume_point
 
@@ -98,8 +99,16 @@ def load_settings(needs_database: bool) -> Settings:
     return Settings.from_env(env)
 
 
-def _journal_path(args: argparse.Namespace, settings: Settings) -> Path:
-    return args.journal if args.journal else Path(settings.journal_path)
+def _open_journal(args: argparse.Namespace, settings: Settings) -> EventJournal:
+    """Open --journal, else the configured journal (SQLite or Redis)."""
+    if args.journal is None and settings.journal_backend == "redis":
+        return open_journal(settings)
+    path = args.journal if args.journal else Path(settings.journal_path)
+    if not path.exists():
+        raise ConfigError(
+            f"journal {str(path)!r} not found: set --journal or CDC_JOURNAL_PATH"
+        )
+    return Journal(path)
 
 
 def _filter(args: argparse.Namespace) -> EventFilter:
@@ -124,12 +133,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
     if not args.start:
         raise ConfigError("replay needs --from (or --peek)")
-    path = _journal_path(args, settings)
-    if not path.exists():
-        raise ConfigError(
-            f"journal {str(path)!r} not found: set --journal or CDC_JOURNAL_PATH"
-        )
-    journal = Journal(path)
+    journal = _open_journal(args, settings)
     try:
         events = read_journal(journal, args.start, args.to, args.limit, event_filter)
         count = print_events(events, args.format, sys.stdout)
@@ -140,7 +144,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def read_journal(
-    journal: Journal,
+    journal: EventJournal,
     start: str,
     end: str | None,
     limit: int | None,
@@ -218,7 +222,11 @@ def print_events(events: Iterable[Event], output: str, stream: TextIO) -> int:
 def run_status(args: argparse.Namespace) -> int:
     settings = load_settings(needs_database=True)
     slot = inspect.slot_status(settings.database_url, settings.slot_name)
-    stats = inspect.journal_stats(_journal_path(args, settings))
+    try:
+        journal: EventJournal | None = _open_journal(args, settings)
+    except ConfigError:
+        journal = None
+    stats = inspect.journal_stats(journal) if journal is not None else None
 
     lines = [f"slot             {settings.slot_name}"]
     if slot is None:
@@ -234,7 +242,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"  lag            {_bytes(slot.lag_bytes)}",
         ]
 
-    lines.append(f"journal          {_journal_path(args, settings)}")
+    location = journal.path if journal is not None else settings.journal_path
+    lines.append(f"journal          {location}")
     if stats is None:
         lines.append("  state          missing")
     else:

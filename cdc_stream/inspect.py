@@ -6,7 +6,6 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
@@ -15,7 +14,8 @@ from .catalog import load_catalog
 from .config import Settings
 from .envelope import Event
 from .errors import DecodeError, SetupError
-from .journal import Journal, JournalStats
+from .journal import JournalStats
+from .journals import EventJournal
 from .replication import SESSION_OPTIONS, WAL2JSON_OPTIONS
 from .translate import Translator
 
@@ -58,11 +58,8 @@ def slot_status(dsn: str, name: str) -> SlotStatus | None:
     return None if row is None else SlotStatus(*row)
 
 
-def journal_stats(path: Path) -> JournalStats | None:
-    """Read the journal's range and size; None if the file does not exist."""
-    if not path.exists():
-        return None
-    journal = Journal(path)
+def journal_stats(journal: EventJournal) -> JournalStats:
+    """Read the journal's range and size, then close it."""
     try:
         return journal.stats()
     finally:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from redis_server import RedisServer
 from streaming import (
     ORDERS_DDL,
     app_environment,
@@ -151,3 +152,35 @@ def test_status_reports_slot_and_journal(app_server, database, sse_stream, tmp_p
     assert f"newest         {event.id}" in result.stdout
     assert "clients        1" in result.stdout
     assert "role           leader" in result.stdout
+
+
+def test_replay_reads_redis_journal(app_server, database, sse_stream, tmp_path):
+    server_process = RedisServer().start()
+    try:
+        execute(database, ORDERS_DDL)
+        env = app_environment(
+            database,
+            tmp_path,
+            CDC_JOURNAL_BACKEND="redis",
+            CDC_REDIS_URL=server_process.url,
+        )
+        server = app_server(env)
+        wait_streaming(server)
+        client = sse_stream(server.url("/api/realtime"))
+        client.next_event()
+        execute(
+            database,
+            "INSERT INTO orders (market_id, side, quantity, price) "
+            "VALUES ('BTC-USD', 'buy', 8, 1.2300)",
+        )
+        ((event, _),) = change_events(client, 1)
+
+        replayed = run_cli("replay", "--from", "0/0", "--format", "ndjson", env=env)
+        status = run_cli("status", env=env)
+    finally:
+        server_process.remove()
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert [e["id"] for e in ndjson(replayed.stdout)] == [event.id]
+    assert f"newest         {event.id}" in status.stdout
+    assert "redis://127.0.0.1" in status.stdout
