@@ -341,6 +341,8 @@ class AppServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = APP_START_TIMEOUT) -> AppServer:
+        if self.process is not None:
+            raise BenchError(f"app {self.name} was already started")
         command = [
             sys.executable,
             "-m",
