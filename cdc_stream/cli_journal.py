@@ -13,7 +13,7 @@ from typing import TextIO
 import httpx
 import orjson
 
-from . import inspect, sse
+from . import diagnostics, sse
 from .config import Settings
 from .envelope import Event
 from .errors import CdcStreamError, ConfigError, InvalidPositionError
@@ -124,7 +124,7 @@ def run_replay(args: argparse.Namespace) -> int:
     event_filter = _filter(args)
 
     if args.peek:
-        events: Iterable[Event] = inspect.peek(
+        events: Iterable[Event] = diagnostics.peek(
             settings, args.limit or DEFAULT_PEEK_LIMIT
         )
         events = (event for event in events if event_filter.matches(event))
@@ -221,12 +221,12 @@ def print_events(events: Iterable[Event], output: str, stream: TextIO) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     settings = load_settings(needs_database=True)
-    slot = inspect.slot_status(settings.database_url, settings.slot_name)
+    slot = diagnostics.slot_status(settings.database_url, settings.slot_name)
     try:
         journal: EventJournal | None = _open_journal(args, settings)
     except ConfigError:
         journal = None
-    stats = inspect.journal_stats(journal) if journal is not None else None
+    stats = diagnostics.journal_stats(journal) if journal is not None else None
 
     lines = [f"slot             {settings.slot_name}"]
     if slot is None:
