@@ -46,6 +46,8 @@ $(INSTALL_STAMP): pyproject.toml | $(PYTHON)
 test: install
 	@$(PYTHON) -m pytest
 
+# The demo needs only PostgreSQL and wal2json from Debian.
+demo: SYSTEM_PACKAGES := $(PG_PACKAGES)
 demo: install
 	@$(VENV)/bin/cdc-stream demo
 
