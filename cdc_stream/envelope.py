@@ -79,6 +79,7 @@ def change_event(
     schema: str | None = None,
     table: str | None = None,
     details: dict[str, Any] | None = None,
+    lsn_text: str | None = None,
 ) -> Event:
     """Build and encode the event of one row change.
 
@@ -86,6 +87,8 @@ def change_event(
     with the built-in type catalog. `schema` and `table` override the names
     in `change` (a partition is reported under its root table), and
     `details` holds additive fields such as `partition` or `unchanged_toast`.
+    `lsn_text` is the commit LSN of `position` in X/Y form, which a caller
+    can format once per transaction.
     """
     if rows is None:
         rows = _convert_with_builtin_types(change)
@@ -94,7 +97,9 @@ def change_event(
     schema = change.schema if schema is None else schema
     table = change.table if table is None else table
 
-    event_id = position.event_id
+    if lsn_text is None:
+        lsn_text = format_lsn(position.commit_lsn)
+    event_id = f"{lsn_text}:{position.index}"
     event: dict[str, Any] = {
         "type": "database_change",
         "channel": channel,
@@ -104,7 +109,7 @@ def change_event(
         "timestamp": commit_time,
         "schema": schema,
         "id": event_id,
-        "lsn": event_id[: event_id.rindex(":")],
+        "lsn": lsn_text,
         "xid": xid,
     }
     if old is not None and change.operation != "INSERT":

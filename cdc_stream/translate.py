@@ -95,6 +95,7 @@ class Translator:
         self._begin: Begin | None = None
         self._commit_time = ""
         self._commit_epoch = 0.0
+        self._commit_lsn_text = ""
         self._index = 0
         self.decode_errors = 0
         self._load_catalog = load_catalog
@@ -142,6 +143,7 @@ class Translator:
         self._begin = begin
         self._commit_time = format_commit_time(begin.commit_time)
         self._commit_epoch = commit_epoch(begin.commit_time)
+        self._commit_lsn_text = format_lsn(begin.commit_lsn)
         self._index = 0
         if not self._settings.transaction_events:
             return _NOTHING
@@ -206,6 +208,7 @@ class Translator:
             schema=route.schema,
             table=route.table,
             details=details,
+            lsn_text=self._commit_lsn_text,
         )
         self.last_position = position
         return Output(event, None)
