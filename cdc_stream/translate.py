@@ -220,6 +220,16 @@ class Translator:
         new: ConvertedRow | None,
         old: ConvertedRow | None,
     ) -> dict[str, Any] | None:
+        # Most rows have no details at all, so that case returns first.
+        if (
+            change.operation != "UPDATE"
+            and not route.details
+            and not change.invalid_utf8
+            and _exact(new)
+            and _exact(old)
+        ):
+            return None
+
         details: dict[str, Any] = dict(route.details) if route.details else {}
 
         if change.operation == "UPDATE" and new is not None:
@@ -433,6 +443,11 @@ def _lsn_or_none(text: str) -> int | None:
         return parse_lsn(text)
     except ValueError:
         return None
+
+
+def _exact(row: ConvertedRow | None) -> bool:
+    """Return whether a row is absent or has no ambiguous nulls or unconverted values."""
+    return row is None or not (row.ambiguous_nulls or row.unconverted)
 
 
 def _merge(new: ConvertedRow | None, old: ConvertedRow | None) -> list[str] | None:
