@@ -446,7 +446,7 @@ def _lsn_or_none(text: str) -> int | None:
 
 
 def _exact(row: ConvertedRow | None) -> bool:
-    """Return whether a row is absent or has no ambiguous nulls or unconverted values."""
+    """Return whether a row is absent or has no inexact values."""
     return row is None or not (row.ambiguous_nulls or row.unconverted)
 
 
