@@ -139,6 +139,10 @@ class Journal:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None
             )
+            # Takes effect only on a new journal, before its first table and
+            # before WAL mode. A 16 KiB page holds about 20 events of 700 bytes,
+            # so an append touches fewer pages than with the 4 KiB default.
+            conn.execute("PRAGMA page_size=16384")
             conn.execute("PRAGMA journal_mode=WAL")
             # The slot is confirmed once an append returns, so the append
             # must survive a power loss too. FULL syncs the WAL file at each
