@@ -93,6 +93,13 @@ def _plugin_list_check(cur: psycopg2.extensions.cursor) -> CheckResult:
     )
     if result.status == PASS and result.detail == "None":
         return CheckResult(result.name, PASS, "not present on this server")
+    if result.status == PASS and result.detail == slot_checks.UNREADABLE_SETTING:
+        return CheckResult(
+            result.name,
+            WARN,
+            "not readable by this role; the wal2json plugin check below tests it",
+            "grant pg_read_all_settings to read it, or run check as a superuser",
+        )
     return result
 
 
@@ -137,8 +144,16 @@ def _slot_checks(
 
     try:
         slot_checks.check_slot(conn, settings.slot_name, create=False)
-    except slot_checks.SlotInUseError as error:
-        return [CheckResult(name, WARN, str(error).split(":")[0], str(error))]
+    except slot_checks.SlotInUseError:
+        # A running cdc-stream holds its slot; that is the normal state.
+        return [
+            CheckResult(
+                name,
+                PASS,
+                f"streamed by server process {slot.active_pid}, "
+                f"confirmed {slot.confirmed_flush_lsn}",
+            )
+        ]
     except SetupError as error:
         return [CheckResult(name, FAIL, str(error).split(":")[0], str(error))]
     return [

@@ -79,7 +79,7 @@ def excess_privileges(
             (role,) = cur.fetchone()
         findings = _attribute_findings(cur, role)
         if any(f.subject == "SUPERUSER" for f in findings):
-            return findings
+            return [_superuser_finding(role, cur)]
         findings += _membership_findings(cur, role)
         findings += _database_findings(cur, role)
         tables = _streamed_tables(cur, role, settings)
@@ -121,6 +121,20 @@ def _attribute_findings(
                 )
             )
     return findings
+
+
+def _superuser_finding(role: str, cur: psycopg2.extensions.cursor) -> ExcessPrivilege:
+    # Removing SUPERUSER from a role such as postgres can leave the cluster
+    # with no superuser at all, so the fix is a dedicated role first.
+    quoted = quote_ident(role, cur)
+    return ExcessPrivilege(
+        "attribute",
+        "SUPERUSER",
+        f"role {role} is a superuser, which streaming does not need",
+        "stream as a dedicated role such as the one sql/setup_role.sql "
+        f"creates; remove the attribute (ALTER ROLE {quoted} NOSUPERUSER;) only "
+        "if another superuser exists",
+    )
 
 
 def _membership_findings(

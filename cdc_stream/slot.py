@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 PLUGIN = "wal2json"
 
+# What `check_plugin_allowed` returns when the role may not read the setting.
+UNREADABLE_SETTING = "<not readable by this role>"
+
 
 @dataclass(frozen=True)
 class SlotInfo:
@@ -68,22 +71,27 @@ def check_plugin_allowed(cur: psycopg2.extensions.cursor) -> str | None:
     """Return output_plugin_libraries, or None on builds without it.
 
     Some PostgreSQL builds allow only the output plugins listed in this
-    setting. It is a plain string, so it is matched item by item.
+    setting. It is a plain string, so it is matched item by item. Only
+    superusers and members of pg_read_all_settings may read it; for other
+    roles the check is skipped and the server's refusal, if any, is reported
+    when the slot is used.
     """
-    cur.execute(
-        "SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'"
-    )
-    row = cur.fetchone()
-    if row is None:
+    try:
+        cur.execute("SELECT current_setting('output_plugin_libraries', true)")
+    except psycopg2.errors.InsufficientPrivilege:
+        cur.connection.rollback()
+        return UNREADABLE_SETTING
+    (setting,) = cur.fetchone()
+    if setting is None:
         return None
-    allowed = [item.strip() for item in row[0].split(",")]
+    allowed = [item.strip() for item in setting.split(",")]
     if PLUGIN not in allowed:
         raise SetupError(
-            f"output_plugin_libraries is {row[0]!r} and does not allow "
+            f"output_plugin_libraries is {setting!r} and does not allow "
             f"{PLUGIN}: add the line output_plugin_libraries = "
-            f"'{row[0]}, {PLUGIN}' to postgresql.conf, then reload"
+            f"'{setting}, {PLUGIN}' to postgresql.conf, then reload"
         )
-    return row[0]
+    return setting
 
 
 def check_replication_role(cur: psycopg2.extensions.cursor) -> str:

@@ -40,6 +40,10 @@ def test_check_passes_for_least_privilege_role(database, tmp_path):
     assert result_line(result.stdout, "privileges").startswith("ok")
     assert result_line(result.stdout, "replica identity").startswith("ok")
     assert result_line(result.stdout, "replication role").startswith("ok")
+    plugins = result_line(result.stdout, "output_plugin_libraries")
+    assert plugins.startswith("WARN")
+    assert "not readable by this role" in plugins
+    assert result_line(result.stdout, "wal2json plugin").startswith("ok")
 
 
 def test_check_reports_unreachable_database(tmp_path):

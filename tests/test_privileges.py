@@ -76,7 +76,9 @@ def test_superuser_reported_alone(demo_db, make_role):
 
     assert finding.kind == "attribute"
     assert finding.subject == "SUPERUSER"
-    assert finding.fix == f'ALTER ROLE "{role}" NOSUPERUSER;'
+    assert "sql/setup_role.sql" in finding.fix
+    assert f'ALTER ROLE "{role}" NOSUPERUSER;' in finding.fix
+    assert "only if another superuser exists" in finding.fix
 
 
 def test_role_attributes_reported(demo_db, make_role):
