@@ -39,11 +39,8 @@ GRANT USAGE ON SCHEMA public TO cdc_stream;
 
 -- Logical decoding reads no table privilege: the walsender decodes the WAL
 -- through the catalogs. SELECT is the only table privilege granted, so the
--- streamer can look the streamed tables up and read their current rows, and
--- it can never change them (no INSERT, UPDATE, DELETE or TRUNCATE).
-GRANT SELECT ON TABLE
-    public.markets,
-    public.orders,
-    public.trades,
-    public.user_balances
-TO cdc_stream;
+-- streamer can read the current rows of the tables it streams, and it can
+-- never change them (no INSERT, UPDATE, DELETE or TRUNCATE). It covers the
+-- tables that exist now in schema public; repeat it for other schemas, or
+-- name single tables instead, to narrow it.
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO cdc_stream;

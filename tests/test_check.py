@@ -54,3 +54,14 @@ def test_check_reports_unreachable_database(tmp_path):
     assert result.returncode == 1
     assert result_line(result.stdout, "connection").startswith("FAIL")
     assert "pg_hba.conf" in result.stdout
+
+
+def test_setup_role_fits_any_database(database, tmp_path):
+    execute(database, "CREATE TABLE invoices (id int PRIMARY KEY, total numeric)")
+
+    execute(database, (REPO_ROOT / "sql" / "setup_role.sql").read_text())
+    streamer = database.replace("user=postgres", "user=cdc_stream")
+    result = run_cli("check", env=app_environment(streamer, tmp_path))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result_line(result.stdout, "privileges").startswith("ok")
