@@ -46,10 +46,11 @@ $(INSTALL_STAMP): pyproject.toml | $(PYTHON)
 test: install
 	@$(PYTHON) -m pytest
 
-# The demo needs only PostgreSQL and wal2json from Debian.
+# The demo needs only PostgreSQL and wal2json from Debian. DEMO_DIR moves its
+# files, e.g. to /tmp when the postgres OS user cannot enter this directory.
 demo: SYSTEM_PACKAGES := $(PG_PACKAGES)
 demo: install
-	@$(VENV)/bin/cdc-stream demo
+	@$(VENV)/bin/cdc-stream demo $(if $(DEMO_DIR),--data-dir $(DEMO_DIR))
 
 # Benchmarks, run by hand (docs/benchmarks.md); BENCH="ingest latency" picks
 # some. The profile benchmark needs py-spy, which the app itself does not.

@@ -115,7 +115,8 @@ def run_demo(options: DemoOptions) -> int:
         if not wait_for_app(app, options.http_port, stop):
             exit_code = 0 if stop.is_set() else 1
         else:
-            print_banner(cluster, options.http_port)
+            env_file = write_env_file(options.data_dir, cluster, journal_path)
+            print_banner(cluster, options.http_port, env_file)
             load = LoadGenerator(cluster.dsn(DEMO_DATABASE), demo_markets())
             cleanup.callback(load.close)
             exit_code = load.run(stop, app)
@@ -283,15 +284,32 @@ def stop_app(
     logger.info("stopped Hypercorn (pid %d)", process.pid)
 
 
-def print_banner(cluster: LocalCluster, http_port: int) -> None:
+def write_env_file(data_dir: Path, cluster: LocalCluster, journal_path: Path) -> Path:
+    """Write the settings that point the command line at the demo, for `.`."""
+    path = data_dir / "env"
+    settings = {
+        "DATABASE_URL": cluster.url(DEMO_DATABASE),
+        "CDC_SLOT_NAME": DEMO_SLOT,
+        "CDC_JOURNAL_PATH": str(journal_path.absolute()),
+    }
+    path.write_text(
+        "".join(f"export {name}='{value}'\n" for name, value in settings.items()),
+        encoding="utf-8",
+    )
+    return path
+
+
+def print_banner(cluster: LocalCluster, http_port: int, env_file: Path) -> None:
     """Print what to run against the demo."""
     print(
         f"""
 cdc-stream demo is running.
   Stream the changes:  curl -N localhost:{http_port}/api/realtime
   Only orders:         curl -N 'localhost:{http_port}/api/realtime?tables=orders'
+  Dashboard:           http://127.0.0.1:{http_port}/
   Health:              curl localhost:{http_port}/healthz
   Database:            psql '{cluster.dsn(DEMO_DATABASE)}'
+  Command line:        . {env_file} && .venv/bin/cdc-stream status
 Press Ctrl-C to stop.
 """,
         flush=True,
@@ -308,7 +326,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
     previous = {
         signum: signal.signal(signum, request_stop)
-        for signum in (signal.SIGINT, signal.SIGTERM)
+        # SIGHUP: the terminal that runs the demo was closed.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     try:
         yield
