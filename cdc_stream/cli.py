@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command named in `argv`; return the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging()
+    _configure_logging(args.command)
 
     try:
         return args.run(args)
@@ -95,9 +95,11 @@ def _port(text: str) -> int:
     return port
 
 
-def _configure_logging() -> None:
+def _configure_logging(command: str) -> None:
+    # The demo reports its progress; the other commands print their results
+    # on stdout and log only warnings and errors.
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.INFO if command == "demo" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

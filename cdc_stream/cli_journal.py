@@ -230,7 +230,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     lines = [f"slot             {settings.slot_name}"]
     if slot is None:
-        lines.append("  state          missing")
+        lines.append("  state          missing (created when the app starts)")
     else:
         holder = f"held by pid {slot.active_pid}" if slot.active_pid else "idle"
         lines += [
@@ -257,7 +257,7 @@ def run_status(args: argparse.Namespace) -> int:
     if args.url:
         lines += _app_lines(args.url)
     print("\n".join(lines))
-    return 0
+    return 1 if slot is None else 0
 
 
 def _app_lines(url: str) -> list[str]:
