@@ -43,7 +43,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class RepeatLimiter(logging.Filter):
-    """Pass at most `burst` records of one message template per window.
+    """Pass at most `burst` records of one message per window.
+
+    Records are the same when their formatted messages are, so a new error
+    logged through the same template is not held back by an older one.
 
     The first record passed in a later window reports how many were dropped,
     in its message and in the `suppressed_repeats` attribute.
@@ -56,11 +59,11 @@ class RepeatLimiter(logging.Filter):
         self._burst = burst
         self._window = window
         self._lock = threading.Lock()
-        # (logger, level, template) -> [window start, passed, dropped]
+        # (logger, level, message) -> [window start, passed, dropped]
         self._seen: dict[tuple[str, int, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno, record.getMessage())
         now = time.monotonic()
         with self._lock:
             state = self._seen.get(key)

@@ -223,3 +223,20 @@ def test_repeat_limiter_reports_suppressed():
     assert later is True
     assert entry["suppressed_repeats"] == 3
     assert entry["message"] == "failed: a [3 repeats suppressed]"
+
+
+def test_repeat_limiter_passes_new_message():
+    limiter = RepeatLimiter(burst=1, window=60)
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "replication failed: %s", (text,), None
+        )
+
+    first = limiter.filter(record("wal_level is 'replica'"))
+    repeat = limiter.filter(record("wal_level is 'replica'"))
+    changed = limiter.filter(record("wal2json is not allowed"))
+
+    assert first is True
+    assert repeat is False
+    assert changed is True
