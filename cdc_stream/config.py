@@ -31,7 +31,13 @@ _KNOWN_KEYS: dict[str, set[str]] = {
         "max_age_seconds",
         "poll_seconds",
     },
-    "stream": {"heartbeat_seconds", "retry_ms", "queue_size", "transaction_events"},
+    "stream": {
+        "heartbeat_seconds",
+        "retry_ms",
+        "queue_size",
+        "transaction_events",
+        "stuck_client_seconds",
+    },
     "cors": {"origins", "allow_credentials"},
     "tables": {"include", "exclude"},
     "channels": set(),
@@ -63,6 +69,9 @@ class Settings:
     heartbeat_seconds: float = 30.0
     retry_ms: int = 3000
     queue_size: int = 10_000
+    # Seconds a client that overflowed its queue may go on not reading before
+    # its connection is closed.
+    stuck_client_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ()
     cors_allow_credentials: bool = True
     include_tables: tuple[str, ...] = ()
@@ -103,6 +112,7 @@ class Settings:
         _require_positive("heartbeat_seconds", self.heartbeat_seconds)
         _require_positive("retry_ms", self.retry_ms)
         _require_positive("queue_size", self.queue_size)
+        _require_positive("stream.stuck_client_seconds", self.stuck_client_seconds)
         _require_positive("status_interval_seconds", self.status_interval_seconds)
         _require_positive("reconnect_max_seconds", self.reconnect_max_seconds)
         if self.log_format not in LOG_FORMATS:
@@ -242,6 +252,7 @@ def _settings_from_document(document: dict[str, Any]) -> dict[str, Any]:
         ("stream", "heartbeat_seconds"): "heartbeat_seconds",
         ("stream", "retry_ms"): "retry_ms",
         ("stream", "queue_size"): "queue_size",
+        ("stream", "stuck_client_seconds"): "stuck_client_seconds",
         ("cors", "origins"): "cors_origins",
         ("cors", "allow_credentials"): "cors_allow_credentials",
         ("tables", "include"): "include_tables",

@@ -160,6 +160,11 @@ class Subscriber:
         self._frames: deque[bytes] = deque()
         self._positions: deque[Position] = deque()
         self._wakeup = asyncio.Event()
+        # The task writing this client's response, and the timer that cancels
+        # it when the client stops reading after an overflow.
+        self.writer_task: asyncio.Task[object] | None = None
+        self.stuck_seconds = 30.0
+        self._stuck_timer: asyncio.TimerHandle | None = None
 
     def offer(self, events: Iterable[Event]) -> None:
         if self.overflowed:
@@ -184,6 +189,7 @@ class Subscriber:
             self.resume_after = self._resume_point()
             self._frames.clear()
             self._positions.clear()
+            self._watch_writer()
         if self._frames or self.overflowed:
             self._wakeup.set()
 
@@ -217,8 +223,33 @@ class Subscriber:
             return False
         return True
 
+    def _watch_writer(self) -> None:
+        # A writer that does not get to the overflow notice is blocked on a
+        # client that stopped reading; the notice cannot reach that client.
+        if self.writer_task is None or self._stuck_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._stuck_timer = loop.call_later(self.stuck_seconds, self._end_stuck_writer)
+
+    def _end_stuck_writer(self) -> None:
+        self._stuck_timer = None
+        if self.writer_task is not None and not self.writer_task.done():
+            logger.warning(
+                "client %d ended: not reading for %.0f s after falling behind",
+                self.id,
+                self.stuck_seconds,
+            )
+            self.writer_task.cancel()
+
+    def overflow_seen(self) -> None:
+        """Record that the writer handles the overflow, so it is not cancelled."""
+        if self._stuck_timer is not None:
+            self._stuck_timer.cancel()
+            self._stuck_timer = None
+
     def rebase(self, start: Position) -> None:
         """Drop pending frames and receive live events after `start` again."""
+        self.overflow_seen()
         self._frames.clear()
         self._positions.clear()
         self.overflowed = False

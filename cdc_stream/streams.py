@@ -125,6 +125,8 @@ async def stream_events(
     """Write one client's stream: retry hint, connection event, replay, then live."""
     settings = stream.settings
     hub = stream.hub
+    subscriber.writer_task = asyncio.current_task()
+    subscriber.stuck_seconds = settings.stuck_client_seconds
     try:
         details = {"message": "connected", "slot": settings.slot_name}
         yield sse.retry(settings.retry_ms) + envelope.connection_frame(
@@ -141,6 +143,7 @@ async def stream_events(
                 yield envelope.heartbeat_frame(datetime.now(UTC))
                 continue
             if subscriber.overflowed:
+                subscriber.overflow_seen()
                 yield _slow_client_frame(subscriber)
                 logger.warning("client %d ended: too far behind", subscriber.id)
                 hub.slow_clients_ended += 1
@@ -149,6 +152,7 @@ async def stream_events(
             if chunk:
                 yield chunk
     finally:
+        subscriber.overflow_seen()
         hub.unsubscribe(subscriber)
 
 

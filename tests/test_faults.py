@@ -378,3 +378,21 @@ def test_slot_invalidated_then_recreated(app_server, sse_stream, tmp_path):
     assert_delivered_once_in_order(
         client.changes, [row for row in rows if row["batch"] != -1]
     )
+
+
+def test_client_that_never_reads_is_closed(app_server, burst_db, tmp_path):
+    config = write_config(
+        tmp_path, "[stream]\nqueue_size = 200\nstuck_client_seconds = 2\n"
+    )
+    server = app_server(app_environment(burst_db, tmp_path, CDC_CONFIG=config))
+    wait_streaming(server)
+    stuck = RawStream(server.port, stalled=True)
+    wait_until(lambda: health(server)["clients"] == 1, 10, "the client")
+
+    insert_burst(burst_db, 40, 500, pad=600)
+    wait_until(lambda: health(server)["clients"] == 0, 60, "the stuck client to end")
+    stuck.read_to_end()
+
+    assert stuck.closed
+    assert "not reading for 2 s after falling behind" in server.output()
+    assert health(server)["status"] == "ok"
