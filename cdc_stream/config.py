@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import tomllib
@@ -12,10 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg2
+import psycopg2.extensions
+
 from .authconfig import AUTH_KEYS, AuthSettings, parse_auth, with_environment
 from .errors import ConfigError
 
 _SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+_ORIGIN_RE = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?$")
 JOURNAL_BACKENDS = ("sqlite", "redis")
 
 # Each TOML section and the keys it accepts; anything else is rejected, so a
@@ -96,6 +101,7 @@ class Settings:
                 "DATABASE_URL is missing: set it to a libpq connection string, "
                 "e.g. postgresql://cdc_stream@127.0.0.1:5432/app"
             )
+        _check_database_url(self.database_url)
         if not _SLOT_NAME_RE.match(self.slot_name):
             raise ConfigError(
                 f"invalid slot name {self.slot_name!r} (CDC_SLOT_NAME or "
@@ -109,12 +115,19 @@ class Settings:
         _require_positive("journal.max_events", self.journal_max_events)
         _require_positive("journal.max_age_seconds", self.journal_max_age_seconds)
         _require_positive("journal.poll_seconds", self.journal_poll_seconds)
-        _require_positive("heartbeat_seconds", self.heartbeat_seconds)
-        _require_positive("retry_ms", self.retry_ms)
-        _require_positive("queue_size", self.queue_size)
+        _require_positive(
+            "stream.heartbeat_seconds (CDC_HEARTBEAT_SECONDS)", self.heartbeat_seconds
+        )
+        _require_positive("stream.retry_ms", self.retry_ms)
+        _require_positive("stream.queue_size", self.queue_size)
         _require_positive("stream.stuck_client_seconds", self.stuck_client_seconds)
-        _require_positive("status_interval_seconds", self.status_interval_seconds)
-        _require_positive("reconnect_max_seconds", self.reconnect_max_seconds)
+        _require_positive(
+            "replication.status_interval_seconds", self.status_interval_seconds
+        )
+        _require_positive(
+            "replication.reconnect_max_seconds", self.reconnect_max_seconds
+        )
+        _check_cors(self.cors_origins, self.cors_allow_credentials)
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"invalid logging.format {self.log_format!r} (CDC_LOG_FORMAT): "
@@ -201,12 +214,55 @@ def _check_redis_url(url: str) -> None:
 
 
 def _require_positive(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"invalid {key} {value!r}: expected a positive number")
 
 
+def _check_database_url(url: str) -> None:
+    # The parser's own message can quote the string, password included, so it
+    # is not repeated.
+    try:
+        psycopg2.extensions.parse_dsn(url)
+    except psycopg2.ProgrammingError:
+        raise ConfigError(
+            "invalid DATABASE_URL ([database] url): expected a libpq connection "
+            "string (host=... dbname=...) or URI (postgresql://user@host/db)"
+        ) from None
+
+
+def _check_cors(origins: tuple[str, ...], allow_credentials: bool) -> None:
+    for origin in origins:
+        if origin == "*":
+            if allow_credentials:
+                raise ConfigError(
+                    "invalid cors.origins '*' (CDC_CORS_ORIGINS): browsers reject "
+                    "a wildcard origin with credentials; list the origins, or set "
+                    "[cors] allow_credentials = false"
+                )
+            continue
+        if not _ORIGIN_RE.match(origin):
+            raise ConfigError(
+                f"invalid cors.origins entry {origin!r} (CDC_CORS_ORIGINS): "
+                "expected scheme://host[:port] with no path, e.g. "
+                "https://dashboard.example.com"
+            )
+
+
 def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    # A pattern without a schema, such as "orders", matches that table in
+    # every schema.
+    table = name.partition(".")[2]
+    return any(
+        fnmatch.fnmatchcase(name, pattern)
+        if "." in pattern
+        else fnmatch.fnmatchcase(table, pattern)
+        for pattern in patterns
+    )
 
 
 def _load_toml(path: Path) -> dict[str, Any]:

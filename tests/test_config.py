@@ -45,7 +45,7 @@ def test_environment_overrides_file():
     [
         ("[slot]\nnmae = 'x'\n", "unknown key slot.nmae"),
         ("[strem]\n", "unknown section [strem]"),
-        ("[stream]\nheartbeat_seconds = 0\n", "invalid heartbeat_seconds 0"),
+        ("[stream]\nheartbeat_seconds = 0\n", "invalid stream.heartbeat_seconds"),
         ("[slot]\ncreate = 'yes'\n", "invalid slot.create 'yes'"),
         ("[tables]\ninclude = 'orders'\n", "invalid tables.include 'orders'"),
         ("[channels]\n'public.orders' = ''\n", "invalid channel ''"),
@@ -78,6 +78,48 @@ def test_heartbeat_must_be_number():
 
     assert "CDC_HEARTBEAT_SECONDS" in str(raised.value)
     assert "'soon'" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CDC_CORS_ORIGINS": "*"}, "invalid cors.origins '*' (CDC_CORS_ORIGINS)"),
+        ({"CDC_CORS_ORIGINS": "dash.example.com"}, "'dash.example.com'"),
+        ({"CDC_CORS_ORIGINS": "https://a.example/app"}, "with no path"),
+        ({"CDC_HEARTBEAT_SECONDS": "nan"}, "CDC_HEARTBEAT_SECONDS"),
+        ({"CDC_HEARTBEAT_SECONDS": "inf"}, "expected a positive number"),
+        ({"CDC_HEARTBEAT_SECONDS": "0"}, "CDC_HEARTBEAT_SECONDS"),
+    ],
+)
+def test_invalid_environment_names_variable(env, expected):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DATABASE_URL": "dbname=x", **env})
+
+    assert expected in str(raised.value)
+
+
+def test_invalid_database_url_hides_value():
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DATABASE_URL": "not a url secret-password"})
+
+    assert "invalid DATABASE_URL" in str(raised.value)
+    assert "secret-password" not in str(raised.value)
+
+
+def test_wildcard_origin_without_credentials():
+    settings = Settings(
+        database_url="dbname=x", cors_origins=("*",), cors_allow_credentials=False
+    )
+
+    assert settings.cors_origins == ("*",)
+
+
+def test_table_without_schema_matches_every_schema():
+    settings = Settings(database_url="dbname=x", include_tables=("items",))
+
+    assert settings.streams_table("public", "items")
+    assert settings.streams_table("sales", "items")
+    assert not settings.streams_table("public", "orders")
 
 
 def test_table_selection_patterns():
