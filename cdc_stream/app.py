@@ -16,6 +16,7 @@ from .hub import (
     Hub,
     JournalTailer,
 )
+from .journal import Appended
 from .journals import open_journal
 from .params import BadRequest, parse_filter, parse_limit, parse_resume, parse_upto
 from .positions import Position
@@ -54,8 +55,8 @@ class Stream:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
 
-        def wake_tailer() -> None:
-            loop.call_soon_threadsafe(self.tailer.wake)
+        def wake_tailer(appended: Appended | None) -> None:
+            loop.call_soon_threadsafe(self.tailer.wake, appended)
 
         self._start_tailer()
         self.reader = ReplicationReader(self.settings, self.journal, wake_tailer)

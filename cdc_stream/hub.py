@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from . import envelope
 from .envelope import Event
+from .journal import Appended
 from .journals import EventJournal
 from .positions import Position
 from .resume import resume_id
@@ -29,6 +30,9 @@ OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE", "TRUNCATE", "MESSAGE"})
 BLOCK_SECONDS = 1.0
 # Seconds between reads while the journal fails.
 RETRY_SECONDS = 1.0
+# Appended batches a tailer keeps to publish from memory. When more arrive
+# before it publishes, the oldest are dropped and read from the journal.
+APPENDED_BACKLOG = 16
 # The position before every event: where an empty journal's stream starts.
 START = Position(0, -1)
 # Operation of journal entries that every subscriber receives whatever its
@@ -321,6 +325,8 @@ class JournalTailer:
 
     A journal with `read_after_blocking`, such as Redis, is read with blocking
     reads. Other journals are polled every `poll_seconds` and on `wake()`.
+    A batch that this process appended is published from memory when it
+    follows the hub's last position, and read from the journal otherwise.
     """
 
     def __init__(
@@ -337,33 +343,76 @@ class JournalTailer:
         self._wakeup = asyncio.Event()
         self._read_blocking = getattr(journal, "read_after_blocking", None)
         self._failures = 0
+        self._appended: deque[Appended] = deque(maxlen=APPENDED_BACKLOG)
 
-    def wake(self) -> None:
-        """Read the journal now instead of at the next poll; loop thread only."""
+    def wake(self, appended: Appended | None = None) -> None:
+        """Read the journal now instead of at the next poll; loop thread only.
+
+        `appended` is a batch whose append has committed. It is published
+        from memory if it follows the last published position when its turn
+        comes, and read from the journal otherwise.
+        """
+        if appended is not None and self._read_blocking is None:
+            self._appended.append(appended)
         self._wakeup.set()
 
     async def run(self) -> None:
         while True:
             # Cleared before reading, so a wake-up during the read is kept.
             self._wakeup.clear()
-            try:
-                events = await self._read()
-            except OSError as error:
-                self._read_failed(error)
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            if self._failures:
-                logger.info("journal readable again after %d failures", self._failures)
-                self._failures = 0
-
-            self._hub.publish(events)
-            if len(events) == self._batch_size or self._read_blocking is not None:
+            events = self._take_appended()
+            if events is not None:
+                self._hub.publish(events)
+                if self._appended:
+                    # Lets the subscribers' writers drain before the next batch.
+                    await asyncio.sleep(0)
+                    continue
+            elif await self._read_and_publish():
                 continue
 
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_seconds)
             except TimeoutError:
                 pass
+
+    async def _read_and_publish(self) -> bool:
+        """Publish the next events from the journal; return whether more may follow."""
+        try:
+            events = await self._read()
+        except OSError as error:
+            self._read_failed(error)
+            await asyncio.sleep(RETRY_SECONDS)
+            return True
+        if self._failures:
+            logger.info("journal readable again after %d failures", self._failures)
+            self._failures = 0
+
+        self._hub.publish(events)
+        if self._read_blocking is not None:
+            return True
+        # A batch kept in memory may follow the events just read.
+        return len(events) == self._batch_size or bool(events and self._appended)
+
+    def _take_appended(self) -> list[Event] | None:
+        """Take the next appended batch if it follows the last published position.
+
+        Returns None when the journal must be read instead: the next batch
+        kept does not start right after the last published position, or it
+        is larger than a tailer batch. Reading such a batch in parts from the
+        journal paces it as before, so a client that drains its queue between
+        parts is not ended.
+        """
+        last = self._hub.last_position
+        while self._appended:
+            appended = self._appended[0]
+            if appended.events[-1].position <= last:
+                self._appended.popleft()
+                continue
+            if appended.previous != last or len(appended.events) > self._batch_size:
+                return None
+            self._appended.popleft()
+            return appended.events
+        return None
 
     async def _read(self) -> list[Event]:
         after = self._hub.last_position

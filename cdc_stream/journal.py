@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from .envelope import Event
 from .positions import Position
@@ -51,6 +51,21 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _COLUMNS = (
     "commit_lsn, idx, commit_time, channel, schema_name, table_name, operation, frame"
 )
+
+
+# The position before every event, which an empty journal's tailers start after.
+_START = Position(0, -1)
+
+
+class Appended(NamedTuple):
+    """A committed append: the journal contains `events` right after `previous`.
+
+    No other event lies between `previous` and the first of `events`, so a
+    tailer that published up to `previous` can publish `events` from memory.
+    """
+
+    previous: Position
+    events: list[Event]
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,7 @@ class Journal:
                 self.path, timeout=self.busy_timeout, isolation_level=None
             )
             # Takes effect only on a new journal, before its first table and
-            # before WAL mode. A 16 KiB page holds about 20 events of 700 bytes,
+            # before WAL mode. A 16 KiB page fits about 20 events of 700 bytes,
             # so an append touches fewer pages than with the 4 KiB default.
             conn.execute("PRAGMA page_size=16384")
             conn.execute("PRAGMA journal_mode=WAL")
@@ -159,19 +174,39 @@ class Journal:
             self._local.conn = None
 
     @_storage_errors
-    def append(self, events: Iterable[Event]) -> None:
-        """Store events in one transaction; positions already held are skipped."""
+    def append(self, events: Iterable[Event]) -> Position | None:
+        """Store events in one transaction; positions already held are skipped.
+
+        Events must be in position order. Returns the newest position stored
+        before the append when every event came after it and after the
+        horizon, so that the journal now contains exactly these events after
+        it. Returns None otherwise, and for no events.
+        """
+        rows = [_to_row(event) for event in events]
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read under the write lock, so no other writer can come between.
+            previous = self._frontier() if rows else None
             conn.executemany(
                 f"INSERT OR IGNORE INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
-                [_to_row(event) for event in events],
+                rows,
             )
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if previous is None or rows[0][:2] <= _key(previous):
+            return None
+        return previous
+
+    def _frontier(self) -> Position | None:
+        """Return the newest event position, or None if the horizon is newer."""
+        last = self.last_position() or _START
+        horizon = self.horizon()
+        if horizon is not None and horizon[0] > last:
+            return None
+        return last
 
     @_storage_errors
     def read_after(

@@ -28,7 +28,14 @@ class EventJournal(Protocol):
         """Location of the journal for messages, without credentials."""
         ...
 
-    def append(self, events: Iterable[Event]) -> None: ...
+    def append(self, events: Iterable[Event]) -> Position | None:
+        """Store events in position order; positions already held are skipped.
+
+        May return the newest position stored before the append when the
+        journal now contains exactly these events after it (see
+        `journal.Appended`). None means unknown.
+        """
+        ...
 
     def read_after(
         self, after: Position, limit: int, upto: Position | None = None

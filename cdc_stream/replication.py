@@ -35,7 +35,7 @@ from .checks import log_replica_identity_issues
 from .config import Settings
 from .envelope import Event, format_timestamp
 from .errors import SetupError, SlotInUseError
-from .journal import Journal
+from .journal import Appended, Journal
 from .positions import Position, format_lsn, parse_lsn
 from .translate import Translator
 
@@ -121,7 +121,7 @@ class ReplicationReader:
         self,
         settings: Settings,
         journal: Journal,
-        on_appended: Callable[[], None] = lambda: None,
+        on_appended: Callable[[Appended | None], None] = lambda appended: None,
     ) -> None:
         self._settings = settings
         self._journal = journal
@@ -348,7 +348,7 @@ class ReplicationReader:
         self._journal.append(
             [Event(position, "", "", "", HISTORY_LOST, frame, time.time())]
         )
-        self._on_appended()
+        self._on_appended(None)
         logger.error(
             "history lost: slot %s recreated at %s",
             self._settings.slot_name,
@@ -393,8 +393,8 @@ class ReplicationReader:
     def _hand_on(self, batch: list[Event]) -> bool:
         if not batch:
             return True
-        self._journal.append(batch)
-        self._on_appended()
+        previous = self._journal.append(batch)
+        self._on_appended(None if previous is None else Appended(previous, batch))
         self.status.events_handed_on += len(batch)
         return not self._stop.is_set()
 

@@ -19,7 +19,7 @@ from cdc_stream.hub import (
     position_for_time,
     read_page,
 )
-from cdc_stream.journal import Journal
+from cdc_stream.journal import Appended, Journal
 from cdc_stream.positions import Position
 
 # An LSN above 2^63, where SQLite's signed integers would wrap without the
@@ -295,3 +295,75 @@ async def test_tailer_tells_subscribers_of_pruned_events(journal):
 
 def sse_frames(chunk: bytes) -> list[bytes]:
     return [frame + b"\n\n" for frame in chunk.split(b"\n\n") if frame]
+
+
+def test_append_returns_previous_position(journal):
+    assert journal.append([event(0x100, 0), event(0x100, 1)]) == START
+    assert journal.append([event(0x200, 0)]) == Position(0x100, 1)
+
+
+def test_append_returns_none_unless_contiguous(journal):
+    journal.append([event(0x200, 0)])
+
+    assert journal.append([event(0x100, 0), event(0x300, 0)]) is None
+    assert journal.append([event(0x200, 0), event(0x400, 0)]) is None
+    assert journal.append([]) is None
+
+
+def test_append_returns_none_below_horizon(journal):
+    journal.append([event(0x100, 0)])
+    journal.raise_horizon(Position(0x200, -1), 1000.0)
+
+    assert journal.append([event(0x300, 0)]) is None
+    assert journal.append([event(0x400, 0)]) == Position(0x300, 0)
+
+
+async def test_tailer_publishes_appended_batch_from_memory(journal):
+    hub = Hub(START)
+    tailer = JournalTailer(journal, hub, poll_seconds=60.0)
+    published: list[list[Event]] = []
+    hub.on_publish = published.append
+    batch = [event(0x100, 0), event(0x100, 1)]
+    previous = journal.append(batch)
+    assert previous is not None
+
+    task = asyncio.create_task(tailer.run())
+    try:
+        tailer.wake(Appended(previous, batch))
+        for _ in range(100):
+            if hub.last_position == Position(0x100, 1):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+
+    assert hub.last_position == Position(0x100, 1)
+    assert [positions(events) for events in published if events] == [
+        [(0x100, 0), (0x100, 1)]
+    ]
+    assert any(events is batch for events in published)
+
+
+async def test_tailer_reads_journal_before_later_batch(journal):
+    # Another process appended 0x100; the batch kept in memory follows it,
+    # so the tailer reads 0x100 from the journal first.
+    journal.append([event(0x100, 0)])
+    hub = Hub(START)
+    tailer = JournalTailer(journal, hub, poll_seconds=60.0)
+    published: list[Position] = []
+    hub.on_publish = lambda events: published.extend(e.position for e in events)
+    batch = [event(0x200, 0), event(0x200, 1)]
+    previous = journal.append(batch)
+    assert previous == Position(0x100, 0)
+
+    task = asyncio.create_task(tailer.run())
+    try:
+        tailer.wake(Appended(previous, batch))
+        for _ in range(100):
+            if hub.last_position == Position(0x200, 1):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+
+    assert published == [Position(0x100, 0), Position(0x200, 0), Position(0x200, 1)]
