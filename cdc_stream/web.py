@@ -25,6 +25,7 @@ from .auth import (
     Principal,
     authorize_channels,
 )
+from .config import Settings
 from .hub import EventFilter
 from .metrics import CONTENT_TYPE, StreamMetrics
 from .rowfilter import (
@@ -80,6 +81,7 @@ class AccessControl:
         the view, or None when the subscriber can share the encoded frames.
         """
         principal = self.principal()
+        await self._check_names(event_filter)
         channels = authorize_channels(principal, event_filter.channels)
         event_filter = dataclasses.replace(event_filter, channels=channels)
 
@@ -118,6 +120,28 @@ class AccessControl:
                 "cannot check columns: the database is unreachable, retry later"
             ) from None
 
+    async def _check_names(self, event_filter: EventFilter) -> None:
+        """Reject a `tables` or `channels` value that names nothing streamed.
+
+        While the database is unreachable the names cannot be checked, and
+        the request is served, so that clients keep their streams.
+        """
+        if not event_filter.tables and not event_filter.channels:
+            return
+        for fresh in (False, True):
+            try:
+                tables = await self.tables.tables(fresh=fresh)
+            except psycopg2.Error:
+                return
+            unknown = _unknown_names(tables, event_filter, self.settings)
+            if not unknown:
+                return
+        parameter, name = unknown
+        raise FilterError(
+            f"unknown {parameter[:-1]} {name!r} in '{parameter}': no streamed "
+            "table has it; GET /api/channels lists them"
+        )
+
     async def _subscription_tables(
         self, event_filter: EventFilter, conditions: list[Any], columns: Any
     ) -> list[Table]:
@@ -127,6 +151,20 @@ class AccessControl:
             # A table or column created a moment ago is not cached yet.
             tables = _select(await self.streamed_tables(fresh=True), event_filter)
         return tables
+
+
+def _unknown_names(
+    tables: list[Table], event_filter: EventFilter, settings: Settings
+) -> tuple[str, str] | None:
+    table_names = {t.name for t in tables} | {t.qualified_name for t in tables}
+    for name in sorted(event_filter.tables):
+        if name not in table_names:
+            return "tables", name
+    channels = {t.channel for t in tables}
+    for name in sorted(event_filter.channels):
+        if name not in channels and not settings.streams_message(name):
+            return "channels", name
+    return None
 
 
 def _select(tables: list[Table], event_filter: EventFilter) -> list[Table]:

@@ -274,3 +274,33 @@ def test_sigterm_with_open_streams_exits_quickly(
     assert not server.is_running()
     assert elapsed < 8.0
     assert "replication thread did not stop" not in server.output()
+
+
+def test_unknown_table_or_channel_rejected(app_server, orders_db, tmp_path):
+    server = start_streaming_app(app_server, orders_db, tmp_path)
+
+    by_table = httpx.get(server.url("/api/realtime?tables=ordres"), trust_env=False)
+    by_channel = httpx.get(
+        server.url("/api/realtime?channels=orders_changes,order_changes"),
+        trust_env=False,
+    )
+
+    assert by_table.status_code == 400
+    assert "unknown table 'ordres' in 'tables'" in by_table.json()["message"]
+    assert by_channel.status_code == 400
+    assert "'order_changes'" in by_channel.json()["message"]
+
+
+def test_table_created_later_accepted(app_server, orders_db, sse_stream, tmp_path):
+    server = start_streaming_app(app_server, orders_db, tmp_path)
+    client = sse_stream(server.url("/api/realtime?tables=orders"))
+    client.next_event()
+
+    execute(orders_db, "CREATE TABLE refunds (id int PRIMARY KEY)")
+    # An unknown name rereads the table catalog at most once a second.
+    time.sleep(1.1)
+    later = sse_stream(server.url("/api/realtime?tables=public.refunds"))
+    first = later.next_event()
+
+    assert later.status_code == 200
+    assert parse_data(first)["type"] == "connection"
