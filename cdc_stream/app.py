@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import sys
 
 from quart import Quart, Response, jsonify, request
@@ -103,7 +104,18 @@ def create_app(settings: Settings | None = None) -> Quart:
             print(f"cdc-stream: configuration error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    stream = Stream(settings)
+    try:
+        stream = Stream(settings)
+    except (OSError, sqlite3.Error) as error:
+        if settings.journal_backend == "redis":
+            hint = "check CDC_REDIS_URL and that Redis is running"
+        else:
+            hint = (
+                f"{settings.journal_path!r} must be a writable file path; "
+                "set CDC_JOURNAL_PATH ([journal] path)"
+            )
+        print(f"cdc-stream: cannot open the journal: {error}; {hint}", file=sys.stderr)
+        raise SystemExit(2) from None
     app.extensions["cdc_stream"] = stream
     access = web.install(app, stream)
 

@@ -172,3 +172,13 @@ def test_database_down_then_up(app_server, spare_cluster, sse_stream, tmp_path):
     ((_, data),) = change_events(client, 1)
 
     assert data["data"] == {"id": 42}
+
+
+def test_unusable_journal_path_stops_with_message(database, tmp_path):
+    env = app_environment(database, tmp_path, CDC_JOURNAL_PATH=str(tmp_path))
+
+    result = run_app_until_exit(env)
+
+    assert "cannot open the journal" in result.stderr
+    assert "CDC_JOURNAL_PATH" in result.stderr
+    assert str(tmp_path) in result.stderr
