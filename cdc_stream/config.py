@@ -143,7 +143,10 @@ class Settings:
 
     def streams_message(self, prefix: str) -> bool:
         """Return whether logical messages with `prefix` are streamed."""
-        return _matches_any(prefix, self.message_prefixes)
+        # A prefix is no table name, so the patterns match the whole prefix.
+        return any(
+            fnmatch.fnmatchcase(prefix, pattern) for pattern in self.message_prefixes
+        )
 
     def channel_for(self, schema: str, table: str) -> str:
         """Return the channel of a table: configured, else `<table>_changes`."""
