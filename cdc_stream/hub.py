@@ -31,8 +31,9 @@ BLOCK_SECONDS = 1.0
 # Seconds between reads while the journal fails.
 RETRY_SECONDS = 1.0
 # Appended batches a tailer keeps to publish from memory. When more arrive
-# before it publishes, the oldest are dropped and read from the journal.
-APPENDED_BACKLOG = 16
+# before it publishes, the oldest are dropped and read from the journal, so
+# a tailer that falls behind keeps at most this many batches of frames.
+APPENDED_BACKLOG = 4
 # The position before every event: where an empty journal's stream starts.
 START = Position(0, -1)
 # Operation of journal entries that every subscriber receives whatever its
@@ -352,7 +353,13 @@ class JournalTailer:
         from memory if it follows the last published position when its turn
         comes, and read from the journal otherwise.
         """
-        if appended is not None and self._read_blocking is None:
+        # A batch larger than a tailer batch is always read from the journal,
+        # so keeping its frames would only cost memory.
+        if (
+            appended is not None
+            and self._read_blocking is None
+            and len(appended.events) <= self._batch_size
+        ):
             self._appended.append(appended)
         self._wakeup.set()
 
