@@ -82,20 +82,24 @@ def test_app_killed_mid_burst(app_server, burst_db, sse_stream, tmp_path):
     client = ResumingClient(sse_stream)
     client.connect(server.base_url)
 
-    insert_burst(burst_db, 24, 500)
+    # The burst goes on in a thread, so that the app is killed while the rows
+    # still arrive, however fast it streams them.
+    inserter = threading.Thread(target=insert_burst, args=(burst_db, 40, 500))
+    inserter.start()
     assert client.read_rows(3000)
     kill_process_tree(server.process.pid)
     ended = not client.read_until(lambda _: False, timeout=10)
     received_before_kill = len(client.changes)
-    insert_burst(burst_db, 8, 500, first_batch=24)
+    inserter.join()
+    insert_burst(burst_db, 8, 500, first_batch=40)
 
     restarted = app_server(env)
     client.connect(restarted.base_url)
-    insert_burst(burst_db, 8, 500, first_batch=32)
-    client.read_rows(20_000, timeout=60)
+    insert_burst(burst_db, 8, 500, first_batch=48)
+    client.read_rows(28_000, timeout=60)
 
     assert ended
-    assert received_before_kill < 12_000
+    assert received_before_kill < 20_000
     assert client.notices == []
     assert_delivered_once_in_order(client.changes, burst_rows(burst_db))
 
