@@ -1046,7 +1046,7 @@ def test_change_kind_settings_from_toml(tmp_path):
         "[stream]\ntransaction_events = true\n"
     )
 
-    settings = Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "x"})
+    settings = Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "dbname=x"})
 
     assert settings.message_prefixes == ("audit", "app.*")
     assert settings.numeric_as_string is True
@@ -1058,7 +1058,7 @@ def test_change_kind_settings_from_toml(tmp_path):
 def test_change_kind_settings_from_environment():
     settings = Settings.from_env(
         {
-            "DATABASE_URL": "x",
+            "DATABASE_URL": "dbname=x",
             "CDC_MESSAGE_PREFIXES": "audit, app",
             "CDC_NUMERIC_AS_STRING": "1",
             "CDC_TRANSACTION_EVENTS": "false",
@@ -1084,14 +1084,16 @@ def test_invalid_change_kind_settings_name_key(tmp_path, toml, key):
     path.write_text(toml)
 
     with pytest.raises(ConfigError) as raised:
-        Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "x"})
+        Settings.from_env({"CDC_CONFIG": str(path), "DATABASE_URL": "dbname=x"})
 
     assert key in str(raised.value)
 
 
 def test_invalid_boolean_environment_names_key():
     with pytest.raises(ConfigError) as raised:
-        Settings.from_env({"DATABASE_URL": "x", "CDC_TRANSACTION_EVENTS": "maybe"})
+        Settings.from_env(
+            {"DATABASE_URL": "dbname=x", "CDC_TRANSACTION_EVENTS": "maybe"}
+        )
 
     assert "CDC_TRANSACTION_EVENTS" in str(raised.value)
 

@@ -282,6 +282,8 @@ def test_slot_dropped_journal_still_served(app_server, burst_db, sse_stream, tmp
 def test_slot_recreated_tells_every_client(app_server, burst_db, sse_stream, tmp_path):
     config = write_config(tmp_path, "[slot]\nrecreate = true\n")
     env = app_environment(burst_db, tmp_path, CDC_CONFIG=config)
+    # A table whose channel the filtered client reads; it gets no changes.
+    execute(burst_db, "CREATE TABLE other (id int PRIMARY KEY)")
     server = app_server(env)
     wait_streaming(server)
     everything = ResumingClient(sse_stream)
