@@ -37,7 +37,7 @@ TAILER_RESTART_SECONDS = 1.0
 
 
 class Stream:
-    """What the routes share: settings, journal, hub and replication reader."""
+    """State the routes share: settings, journal, hub and replication reader."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         try:
             settings = Settings.from_env()
         except ConfigError as error:
-            # Serving without settings would only answer errors, so stop here
+            # Serving without settings would only return errors, so stop here
             # with the message that names the key to fix.
             print(f"cdc-stream: configuration error: {error}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -31,7 +31,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add `replay` and `status` to the command parser."""
     replay = commands.add_parser(
         "replay",
-        help="print events from the journal, or peek at what the slot holds",
+        help="print events from the journal, or peek at the slot's undelivered changes",
         description=(
             "Print the events the journal holds after --from, up to --to. With "
             "--peek, print what the slot holds but has not delivered yet, "

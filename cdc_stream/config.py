@@ -102,6 +102,7 @@ class Settings:
                 "e.g. postgresql://cdc_stream@127.0.0.1:5432/app"
             )
         _check_database_url(self.database_url)
+
         if not _SLOT_NAME_RE.match(self.slot_name):
             raise ConfigError(
                 f"invalid slot name {self.slot_name!r} (CDC_SLOT_NAME or "
@@ -112,6 +113,7 @@ class Settings:
                 self, "journal_path", f".cdc-stream/{self.slot_name}.journal.sqlite3"
             )
         _resolve_journal_backend(self)
+
         _require_positive("journal.max_events", self.journal_max_events)
         _require_positive("journal.max_age_seconds", self.journal_max_age_seconds)
         _require_positive("journal.poll_seconds", self.journal_poll_seconds)
@@ -128,6 +130,7 @@ class Settings:
             "replication.reconnect_max_seconds", self.reconnect_max_seconds
         )
         _check_cors(self.cors_origins, self.cors_allow_credentials)
+
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(
                 f"invalid logging.format {self.log_format!r} (CDC_LOG_FORMAT): "

@@ -1,6 +1,6 @@
 """Parse wal2json format-version 2 messages into records (pure, no I/O).
 
-The replication connection asks wal2json for type OIDs instead of type names
+The replication connection requests type OIDs from wal2json instead of type names
 (`include-types=0`, `include-type-oids=1`), because wal2json 2.5 writes some
 type names unescaped and so produces invalid JSON for them.
 
@@ -88,7 +88,7 @@ class LogicalMessage:
 
     `lsn` is the end of the message's WAL record. When the content is not
     UTF-8, `content` has U+FFFD in place of the invalid bytes and
-    `content_bytes` holds the bytes wal2json sent.
+    `content_bytes` contains the bytes wal2json sent.
     """
 
     transactional: bool

@@ -67,7 +67,7 @@ def journal_stats(journal: EventJournal) -> JournalStats:
 
 
 def peek(settings: Settings, limit: int) -> Iterator[Event]:
-    """Yield up to `limit` events the slot holds but has not delivered yet.
+    """Yield up to `limit` events the slot has not delivered yet.
 
     The slot is copied to a temporary slot, which is peeked and dropped when
     the session ends, so the original slot, active or not, is left untouched.

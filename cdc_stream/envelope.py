@@ -86,7 +86,7 @@ def change_event(
     `rows` contains the new and old row objects; without it they are converted
     with the built-in type catalog. `schema` and `table` override the names
     in `change` (a partition is reported under its root table), and
-    `details` holds additive fields such as `partition` or `unchanged_toast`.
+    `details` contains additive fields such as `partition` or `unchanged_toast`.
     `lsn_text` is the commit LSN of `position` in X/Y form, which a caller
     can format once per transaction.
     """

@@ -12,7 +12,7 @@ class ConfigError(CdcStreamError, ValueError):
 
 
 class SetupError(CdcStreamError):
-    """The database is not ready for streaming; the message says what to change."""
+    """The database is not ready for streaming; the message names what to change."""
 
 
 class SlotInUseError(SetupError):

@@ -2,7 +2,7 @@
 
 Every method runs on the event loop. `JournalTailer` reads new events from
 the journal in order and publishes them, so each process serves exactly the
-journal's sequence whichever process holds the slot.
+journal's sequence, whichever process streams the slot.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def history_lost_frame(
 
 @dataclass(frozen=True)
 class EventFilter:
-    """Which events a subscriber receives; an empty set means all."""
+    """Selection of the events a subscriber receives; an empty set means all."""
 
     channels: frozenset[str] = frozenset()
     tables: frozenset[str] = frozenset()

@@ -8,7 +8,7 @@ order that clients see, in one process or in `hypercorn -w N`.
 
 The horizon is the newest position whose history may be incomplete: events up
 to it were pruned, or came before the journal first attached to the slot. A
-client resuming from before the horizon is told that history was lost.
+client resuming from before the horizon gets a history_lost event.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def _slot_checks(
     try:
         slot_checks.check_slot(conn, settings.slot_name, create=False)
     except slot_checks.SlotInUseError:
-        # A running cdc-stream holds its slot; that is the normal state.
+        # A running cdc-stream streams its slot, which is the normal state.
         return [
             CheckResult(
                 name,

@@ -7,7 +7,7 @@ only past transactions whose events were all handed on, so a crash re-delivers
 from the slot instead of losing changes.
 
 psycopg2 sends the confirmed LSN on its own every `status_interval` seconds
-and whenever a server keepalive asks for a reply. Once the last transaction is
+and whenever a server keepalive requests a reply. Once the last transaction is
 confirmed, it also advances the confirmed LSN to the WAL end reported by
 keepalives, so a slot on idle tables holds no WAL it does not need.
 """
@@ -79,7 +79,7 @@ HISTORY_LOST = "HISTORY_LOST"
 
 @dataclass
 class ReplicationStatus:
-    """What the reader is doing, read by `/healthz`."""
+    """State of the reader, read by `/healthz`."""
 
     state: str = "starting"
     slot: str = ""

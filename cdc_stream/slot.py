@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 PLUGIN = "wal2json"
 
-# What `check_plugin_allowed` returns when the role may not read the setting.
+# Return value of `check_plugin_allowed` when the role may not read the setting.
 UNREADABLE_SETTING = "<not readable by this role>"
 
 
@@ -72,9 +72,8 @@ def check_plugin_allowed(cur: psycopg2.extensions.cursor) -> str | None:
 
     Some PostgreSQL builds allow only the output plugins listed in this
     setting. It is a plain string, so it is matched item by item. Only
-    superusers and members of pg_read_all_settings may read it; for other
-    roles the check is skipped and the server's refusal, if any, is reported
-    when the slot is used.
+    superusers and members of pg_read_all_settings may read it. For other
+    roles the check is skipped, so a rejection shows up when the slot is used.
     """
     try:
         cur.execute("SELECT current_setting('output_plugin_libraries', true)")

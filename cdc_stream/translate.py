@@ -1,9 +1,10 @@
 """Turn the stream of wal2json messages into events (pure, stateful).
 
-The translator numbers the changes of each transaction to give them positions,
-skips positions it has already produced (the slot re-delivers everything after
-the confirmed LSN when the connection is re-established), and reports the LSN
-that may be confirmed once a transaction's events have been handed on.
+The translator numbers the changes of each transaction to give them
+positions. It skips positions it has already produced, because the slot
+re-delivers everything after the confirmed LSN when the connection is
+re-established. It also reports the LSN that may be confirmed once a
+transaction's events have been handed on.
 
 Values are converted with the type catalog (see `catalog`). When a change
 names a type or table the catalog lacks, the translator calls `load_catalog`
@@ -57,7 +58,7 @@ _MAX_REFRESHES_PER_ROW = 3
 
 
 class Output(NamedTuple):
-    """What one wal2json message produced: an event, an LSN to confirm, or both."""
+    """Result of one wal2json message: an event, an LSN to confirm, or both."""
 
     event: Event | None
     confirm_lsn: int | None
